@@ -1,48 +1,122 @@
 """Static, preallocated KV caches whose policies rewrite slots in place.
 
 A layer's cache holds `kv_budget` slots per KV head: k, v [B, Hkv, C, D] and pos [B, Hkv, C] (the original
-position held by each slot, -1 = empty). Every decode step writes exactly one slot per (sequence, KV head),
-chosen by the policy, so shapes never change and the decode step compiles once.
+position in each slot, -1 = empty). Each decode step writes exactly one slot per (sequence, KV head), chosen
+by the policy, so shapes never change and the decode step compiles once.
 
-A policy subclasses KVCache and overrides `score` (low = evicted first); the base class protects sinks
-(positions < global_tokens) and the recent window (positions >= t - recent_window), fills empty slots first
-and breaks ties by the lowest slot index.
+A policy is a small subclass of KVCache: it declares its hyper-parameters (`hyperparams`, shown in --help)
+and how it scores slots (`score`, low = evicted first). The base class does the bookkeeping: sinks
+(positions < global_tokens) and the recent window (positions >= t - recent_window) are protected, empty
+slots fill first, ties go to the lowest slot index, prompts longer than the budget are compressed, and
+statistics are kept. Semantics: ../shared/ALGORITHMS.md; the step-by-step references: tests/reference_policies.py.
 """
+import math
+from pathlib import Path
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+
+CONFIG_DIR = Path(__file__).resolve().parent / "cache_configs"
 
 
 class KVCache(nn.Module):
-    needs_attention = False  # True: the model passes decode attention probabilities to record_attention
+    hyperparams = {}  # name -> (type, default, help): become --flags and constructor arguments
+    needs_attention = False  # True: the model passes each decode step's attention to record_attention
+    default_prompt_compressor = "recent_global"
 
-    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype,
-                 global_tokens: int = 0, recent_window: int = 0):
+    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype, *,
+                 max_seq_length: int, global_tokens: int = 4, recent_window: int = 10,
+                 prompt_compressor: str = None, observation_window: int = 16, pooling_kernel: int = 5,
+                 layer_idx: int = 0, n_layers: int = 1, debug_attention_loss: bool = False, **hp):
         super().__init__()
         self.kv_budget, self.global_tokens, self.recent_window = kv_budget, global_tokens, recent_window
+        self.max_seq_length, self.layer_idx, self.n_layers = max_seq_length, layer_idx, n_layers
+        self.prompt_compressor = prompt_compressor or self.default_prompt_compressor
+        self.observation_window, self.pooling_kernel = observation_window, pooling_kernel
+        for name, (_, default, _) in self.hyperparams.items():
+            setattr(self, name, hp.pop(name, default))
+        if hp:
+            raise ValueError(f"{type(self).__name__} got unknown hyper-parameters {sorted(hp)}")
         shape = (batch_size, n_kv_heads, kv_budget, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("pos", torch.full(shape[:3], -1, dtype=torch.long), persistent=False)
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)  # tokens seen so far
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
+        self.debug_attention_loss = debug_attention_loss
+        if debug_attention_loss:  # a shadow full cache of keys, to measure the attention mass eviction loses
+            self.register_buffer("shadow_k", torch.zeros(batch_size, n_kv_heads, max_seq_length, head_dim,
+                                                         dtype=dtype), persistent=False)
+            self.register_buffer("lost_mass", torch.zeros((), dtype=torch.float64), persistent=False)
+            self.register_buffer("lost_steps", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def policy_buffers(self):
+        """Names of per-slot policy state (scores, hashes) that is reset with the cache."""
+        return []
 
     def reset(self):
         self.k.zero_()
         self.v.zero_()
         self.pos.fill_(-1)
         self.seen.zero_()
+        for name in self.policy_buffers():
+            getattr(self, name).zero_()
+        if self.debug_attention_loss:
+            self.shadow_k.zero_()
+            self.lost_mass.zero_()
+            self.lost_steps.zero_()
 
     # -- prefill -------------------------------------------------------------------------------------------
     def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
-        """Store the prompt's rotated k, v [B, Hkv, T, D] (positions input_pos, starting at 0)."""
-        T = k.shape[2]
-        if T > self.kv_budget:
-            raise ValueError(f"prompt of {T} tokens does not fit a {self.kv_budget}-slot cache; "
-                             "use a prompt compressor or --feed_long_prompts")
-        self.k[:, :, :T] = k
-        self.v[:, :, :T] = v
-        self.pos[:, :, :T] = input_pos
+        """Store the prompt's rotated k, v [B, Hkv, T, D] (positions input_pos = 0..T-1); q [B, H, T, D]."""
+        T, C = k.shape[2], self.kv_budget
+        if T <= C:
+            keep = None
+            self.k[:, :, :T] = k
+            self.v[:, :, :T] = v
+            self.pos[:, :, :T] = input_pos
+        else:
+            keep = self.compress_prompt(k, q)  # [B, Hkv, C] kept positions, increasing
+            idx = keep.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+            self.k.copy_(k.gather(2, idx))
+            self.v.copy_(v.gather(2, idx))
+            self.pos.copy_(keep)
         self.seen.fill_(T)
+        if self.debug_attention_loss:
+            self.shadow_k[:, :, :T] = k
+        self.after_prefill(k, q, keep)
+
+    def after_prefill(self, k: Tensor, q: Tensor, keep):
+        """Seed per-slot state from the prompt (keep: the kept positions, or None when all were kept)."""
+
+    def compress_prompt(self, k: Tensor, q: Tensor) -> Tensor:
+        """Pick kv_budget prompt positions per KV head: protected ones first, then the highest scores."""
+        B, Hkv, T, _ = k.shape
+        C, G = self.kv_budget, self.global_tokens
+        name = self.prompt_compressor
+        positions = torch.arange(T, device=k.device).expand(B, Hkv, T)
+        recent = self.recent_window
+        if name == "recent_global":
+            score, recent = positions.float(), C - G
+        elif name == "random":
+            score = torch.rand(B, 1, T, device=k.device).expand(B, Hkv, T)
+        elif name == "l2":
+            score = -k.float().norm(dim=-1)  # keep the low-norm keys
+        elif name == "keep_it_odd":
+            score = (positions % 2 == 1).float() * T + positions  # odd positions first, newest first
+        elif name == "heavy_hitter":
+            score, recent = snapkv_scores(q, k, self.observation_window, self.pooling_kernel), self.observation_window
+        else:
+            raise ValueError(f"unknown prompt compressor {name!r}")
+        protected = (positions < G) | (positions >= T - recent)
+        if int(protected[0, 0].sum()) > C:
+            raise ValueError(f"prompt compressor {name!r} must keep {int(protected[0, 0].sum())} tokens "
+                             f"(sinks + window) but the budget is {C} slots; lower --observation_window")
+        score = score.masked_fill(protected, float("inf"))
+        # Ties go to the lower position: a tiny position penalty keeps topk deterministic.
+        keep = torch.topk(score.double() - positions * 1e-9, C, dim=-1).indices
+        return keep.sort(dim=-1).values
 
     # -- decode --------------------------------------------------------------------------------------------
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
@@ -54,6 +128,9 @@ class KVCache(nn.Module):
         self.pos.scatter_(2, slot[:, :, None], input_pos.view(1, 1, 1).expand(slot.shape[0], slot.shape[1], 1))
         self.seen.add_(1)
         self.after_insert(slot, input_pos, k, q)
+        if self.debug_attention_loss:
+            self.shadow_k.index_copy_(2, input_pos, k)
+            self.measure_lost_attention(input_pos, q)
         return self.k, self.v, (self.pos >= 0).unsqueeze(2)
 
     def choose_slot(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
@@ -61,69 +138,380 @@ class KVCache(nn.Module):
         pos = self.pos
         protected = (pos < self.global_tokens) | (pos >= input_pos - self.recent_window)
         score = score.masked_fill(protected, float("inf")).masked_fill(pos < 0, float("-inf"))
-        return score.argmin(dim=-1)  # first minimum: empty slots in order, then the lowest slot on ties
+        return score.argmin(dim=-1)  # the first minimum: empty slots in order, then the lowest slot on ties
 
     def score(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
         raise NotImplementedError
 
     def after_insert(self, slot: Tensor, input_pos: Tensor, k: Tensor, q: Tensor):
-        """Per-slot state (scores, hashes) of the new token; nothing by default."""
+        """Per-slot state (scores, hashes) of the new token."""
 
     def record_attention(self, probs: Tensor):
-        """probs [B, Hkv, G, 1, C]: this step's attention, for policies with needs_attention."""
+        """probs [B, Hkv, G, 1, C]: this step's attention (policies with needs_attention)."""
+
+    def measure_lost_attention(self, input_pos: Tensor, q: Tensor):
+        """Attention mass that full attention would put on tokens this cache no longer holds."""
+        B, H, _, D = q.shape
+        Hkv = self.shadow_k.shape[1]
+        qf = q.float().reshape(B, Hkv, H // Hkv, D)
+        scores = qf @ self.shadow_k.float().transpose(-1, -2) / math.sqrt(D)  # [B, Hkv, G, S]
+        S = scores.shape[-1]
+        visible = torch.arange(S, device=q.device) <= input_pos
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        held = torch.zeros(B, Hkv, S + 1, device=q.device).scatter_(2, self.pos.clamp(min=-1) + 1, 1.0)[..., 1:]
+        self.lost_mass.add_((probs * (1 - held).unsqueeze(2)).sum(-1).mean().double())
+        self.lost_steps.add_(1)
 
     # -- statistics ----------------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes this cache really holds: K/V, positions and any per-slot policy state."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes this cache really holds: K/V, positions and per-slot policy state (not the debug shadow)."""
+        skip = {"shadow_k", "lost_mass", "lost_steps"}
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n not in skip)
 
     def kept(self) -> int:
         return int((self.pos >= 0).sum())
 
 
+def snapkv_scores(q: Tensor, k: Tensor, window: int, kernel: int) -> Tensor:
+    """SnapKV: attention of the last `window` prompt queries to each key (mean over window and GQA group),
+    smoothed by 1-D average pooling. q [B, H, T, D], k [B, Hkv, T, D] -> [B, Hkv, T]."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    w = min(window, T)
+    qw = q[:, :, T - w:].float().reshape(B, Hkv, H // Hkv * w, D)
+    scores = qw @ k.float().transpose(-1, -2) / math.sqrt(D)  # [B, Hkv, G*w, T]
+    rows = torch.arange(T - w, T, device=q.device).repeat(H // Hkv)
+    causal = torch.arange(T, device=q.device)[None, :] <= rows[:, None]
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(2)  # [B, Hkv, T]
+    return F.avg_pool1d(probs, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+
+
+def prompt_attention_columns(q: Tensor, k: Tensor, chunk: int = 256):
+    """Per key j of the prompt, the causal attention it gets from each later query, mean over the GQA group,
+    streamed in query chunks. Yields (first query index, probs [B, Hkv, c, T])."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    kf = k.float().transpose(-1, -2)
+    for s in range(0, T, chunk):
+        qc = q[:, :, s:s + chunk].float()
+        c = qc.shape[2]
+        scores = qc.reshape(B, Hkv, G, c, D) @ kf.unsqueeze(2) / math.sqrt(D)  # [B, Hkv, G, c, T]
+        causal = torch.arange(T, device=q.device)[None, :] <= torch.arange(s, s + c, device=q.device)[:, None]
+        yield s, scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Policies
+# ---------------------------------------------------------------------------------------------------------------
 class FullCache(KVCache):
-    """Never evicts: slot = position; the buffer is sized to prompt + max_new_tokens."""
+    """Never evicts: slot = position; the buffer holds prompt + max_new_tokens."""
 
     def choose_slot(self, input_pos, k, q):
         return input_pos.view(1, 1).expand(self.pos.shape[0], self.pos.shape[1])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line and set-up, shared by generate.py, eval.py and benchmark.py
-# ---------------------------------------------------------------------------------------------------------------
-POLICIES = {"full": FullCache}
+class RandomCache(KVCache):
+    """Evicts a random unprotected slot (one draw per slot, shared by the KV heads)."""
+    default_prompt_compressor = "recent_global"
+
+    def score(self, input_pos, k, q):
+        B, Hkv, C = self.pos.shape
+        return torch.rand(B, 1, C, device=k.device).expand(B, Hkv, C)
 
 
+class RecentGlobalCache(KVCache):
+    """StreamingLLM: sinks + a sliding window; the oldest non-sink token goes."""
+
+    def score(self, input_pos, k, q):
+        return self.pos.float()
+
+
+class KeepItOddCache(KVCache):
+    """cold-compress's toy policy: keeps odd positions; the oldest even token goes first."""
+
+    def score(self, input_pos, k, q):
+        return (self.pos % 2 == 1).float() * self.max_seq_length + self.pos
+
+
+class L2Cache(KVCache):
+    """Evicts the largest-norm key (low-norm keys attract attention). Norms are stored per slot."""
+
+    def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
+        super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
+        self.register_buffer("key_norm", torch.zeros(batch_size, n_kv_heads, kv_budget), persistent=False)
+
+    def policy_buffers(self):
+        return ["key_norm"]
+
+    def after_prefill(self, k, q, keep):
+        self.key_norm.copy_(self.k.float().norm(dim=-1))
+
+    def after_insert(self, slot, input_pos, k, q):
+        self.key_norm.scatter_(2, slot[:, :, None], k.float().norm(dim=-1))
+
+    def score(self, input_pos, k, q):
+        return -self.key_norm
+
+
+class HeavyHitterCache(KVCache):
+    """H2O / Scissorhands: evicts the slot with the least average attention over the steps it was visible."""
+    hyperparams = {
+        "history_window_size": (int, 0, "heavy_hitter: 0 = full history; W > 0 = average over the last W steps"),
+        "attn_thresholding": (bool, False, "heavy_hitter: a step counts 1 if attention >= 1/occupied, else 0"),
+    }
+    needs_attention = True
+    default_prompt_compressor = "heavy_hitter"
+
+    def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
+        super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
+        W = max(self.history_window_size, 1)  # full history: one running column
+        shape = (batch_size, n_kv_heads, kv_budget, W)
+        self.register_buffer("attn_hist", torch.zeros(shape), persistent=False)  # per-step values (a ring of W)
+        self.register_buffer("attn_vis", torch.zeros(shape), persistent=False)  # 1 where the slot was visible
+        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def policy_buffers(self):
+        return ["attn_hist", "attn_vis", "step"]
+
+    def step_values(self, probs: Tensor, occupied: Tensor) -> Tensor:
+        if self.attn_thresholding:
+            return (probs >= 1.0 / occupied).float()
+        return probs
+
+    def push(self, values: Tensor, visible: Tensor):
+        """Append one step's values [B, Hkv, C] for the slots visible at that step."""
+        values, visible = values * visible, visible.float()
+        if self.history_window_size:
+            col = (self.step % self.history_window_size).view(1, 1, 1, 1).expand(*values.shape, 1)
+            self.attn_hist.scatter_(3, col, values.unsqueeze(-1))
+            self.attn_vis.scatter_(3, col, visible.unsqueeze(-1))
+        else:
+            self.attn_hist[..., 0] += values
+            self.attn_vis[..., 0] += visible
+        self.step.add_(1)
+
+    def after_prefill(self, k, q, keep):
+        """Each prompt query counts as one step (with a window: only the last W queries)."""
+        T, C, W = k.shape[2], self.kv_budget, self.history_window_size
+        first = max(0, T - W) if W else 0
+        key_pos = torch.arange(T, device=k.device)
+        sums, counts, rows_kept = 0, 0, []
+        for s, probs in prompt_attention_columns(q, k):  # probs [B, Hkv, c, T]
+            rows = torch.arange(s, s + probs.shape[2], device=k.device)
+            visible = (key_pos[None, :] <= rows[:, None]).float()  # [c, T]
+            vals = self.step_values(probs, (rows + 1.0)[:, None]) * visible
+            if W:
+                sel = rows >= first
+                rows_kept.append((vals[:, :, sel], visible[sel]))
+            else:
+                sums, counts = sums + vals.sum(2), counts + visible.sum(0)
+        if W:
+            vals = torch.cat([r[0] for r in rows_kept], 2).transpose(2, 3)  # [B, Hkv, T, W']
+            vis = torch.cat([r[1] for r in rows_kept], 0).t().expand_as(vals)
+        else:
+            vals, vis = sums.unsqueeze(-1), counts.expand_as(sums).unsqueeze(-1)
+        if keep is None:
+            self.attn_hist[:, :, :T, :vals.shape[-1]] = vals
+            self.attn_vis[:, :, :T, :vals.shape[-1]] = vis
+        else:
+            idx = keep.unsqueeze(-1).expand(-1, -1, -1, vals.shape[-1])
+            self.attn_hist[..., :vals.shape[-1]] = vals.gather(2, idx)
+            self.attn_vis[..., :vals.shape[-1]] = vis.gather(2, idx)
+        self.step.fill_(T - first)
+
+    def after_insert(self, slot, input_pos, k, q):
+        idx = slot[:, :, None, None].expand(-1, -1, 1, self.attn_hist.shape[-1])
+        self.attn_hist.scatter_(2, idx, torch.zeros_like(idx, dtype=self.attn_hist.dtype))
+        self.attn_vis.scatter_(2, idx, torch.zeros_like(idx, dtype=self.attn_vis.dtype))
+
+    def record_attention(self, probs):
+        occupied = self.pos >= 0
+        p = probs.mean(2)[:, :, 0]  # [B, Hkv, C]: mean over the query heads of the group
+        self.push(self.step_values(p, occupied.sum(-1, keepdim=True).float()), occupied)
+
+    def score(self, input_pos, k, q):
+        return self.attn_hist.sum(-1) / self.attn_vis.sum(-1).clamp(min=1)
+
+
+POLICIES = {
+    "full": FullCache,
+    "random": RandomCache,
+    "recent_global": RecentGlobalCache,
+    "l2": L2Cache,
+    "heavy_hitter": HeavyHitterCache,
+    "keep_it_odd": KeepItOddCache,
+}
+PROMPT_COMPRESSORS = ["recent_global", "random", "l2", "heavy_hitter", "keep_it_odd"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line, configs and set-up, shared by generate.py, eval.py and benchmark.py
+# ---------------------------------------------------------------------------------------------------------------
 def add_cache_args(p):
-    g = p.add_argument_group("KV cache")
-    g.add_argument("--cache_strategy", default="full", help=f"one of: {', '.join(POLICIES)}")
+    g = p.add_argument_group("KV cache (see cache_configs/ and ../shared/ALGORITHMS.md)")
+    g.add_argument("--cache_config", default=None,
+                   help="load cache_configs/NAME.yaml; flags given on the command line override it")
+    g.add_argument("--cache_strategy", nargs="+", default=["full"], help=f"one or more of: {', '.join(POLICIES)}")
+    g.add_argument("--cache_strategy_pattern", default="tile", choices=["tile", "repeat"],
+                   help="how several strategies are laid over the layers: tile a..ab..b, repeat abab")
+    g.add_argument("--max_cache_length", nargs="+", type=float, default=[1.0],
+                   help="slots per layer: a fraction (<= 1) of prompt + max_new_tokens, or a token count")
+    g.add_argument("--cache_length_pattern", default="tile", choices=["tile", "repeat", "pyramid", "funnel"],
+                   help="how several lengths are laid over the layers; pyramid/funnel: PyramidKV's linear schedule")
+    g.add_argument("--pyramid_beta", type=float, default=20.0,
+                   help="pyramid/funnel steepness (PyramidKV's beta): the smallest layer gets average / beta")
+    g.add_argument("--global_tokens", type=int, default=4, help="sink tokens never evicted")
+    g.add_argument("--recent_window", type=int, default=10, help="most recent tokens never evicted")
+    g.add_argument("--prompt_compression_strategy", default=None,
+                   help=f"for prompts longer than the budget: {', '.join(PROMPT_COMPRESSORS)} "
+                        "(default: heavy_hitter for heavy_hitter, else recent_global)")
+    g.add_argument("--observation_window", type=int, default=16, help="SnapKV: last prompt queries scored")
+    g.add_argument("--pooling_kernel", type=int, default=5, help="SnapKV: 1-D pooling kernel over the scores")
+    g.add_argument("--feed_long_prompts", action="store_true",
+                   help="prefill budget-1 prompt tokens, then feed the rest through the decode step")
+    g.add_argument("--debug_attention_loss", action="store_true",
+                   help="keep a shadow full cache and report the attention mass evicted tokens would get")
+    seen = set()
+    for name, cls in POLICIES.items():
+        for hp, (typ, default, help_) in cls.hyperparams.items():
+            if hp in seen:
+                continue
+            seen.add(hp)
+            if typ is bool:
+                g.add_argument(f"--{hp}", action="store_true", default=default, help=help_)
+            else:
+                g.add_argument(f"--{hp}", type=typ, default=default, help=f"{help_} (default {default})")
+
+
+def parse_args(parser, argv=None):
+    """parse_args with --cache_config: the YAML's values become defaults, so command-line flags override them."""
+    import yaml
+
+    pre, _ = parser.parse_known_args(argv)
+    if pre.cache_config:
+        path = Path(pre.cache_config)
+        if not path.suffix:
+            path = CONFIG_DIR / f"{pre.cache_config}.yaml"
+        if not path.exists():
+            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise ValueError(f"unknown --cache_config {pre.cache_config!r}; shipped configs: {known}")
+        values = yaml.safe_load(path.read_text()) or {}
+        dests = {a.dest for a in parser._actions}
+        bad = sorted(set(values) - dests)
+        if bad:
+            raise ValueError(f"{path}: unknown keys {bad}")
+        for key in ("cache_strategy", "max_cache_length"):
+            if key in values and not isinstance(values[key], list):
+                values[key] = [values[key]]
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def layer_pattern(values: list, n_layers: int, pattern: str, what: str) -> list:
+    if n_layers % len(values):
+        raise ValueError(f"{len(values)} values of {what} do not divide the model's {n_layers} layers")
+    if pattern == "repeat":
+        return [values[i % len(values)] for i in range(n_layers)]
+    per = n_layers // len(values)
+    return [values[i // per] for i in range(n_layers)]
+
+
+def layer_budgets(args, n_layers: int, max_seq_length: int) -> list:
+    """Slots per layer from --max_cache_length and --cache_length_pattern, each capped at max_seq_length."""
+    def tokens(x):
+        return int(round(x * max_seq_length)) if x <= 1 else int(x)
+
+    lengths = [tokens(x) for x in args.max_cache_length]
+    if any(x < 1 for x in lengths):
+        raise ValueError(f"--max_cache_length {args.max_cache_length} gives an empty cache")
+    if args.cache_length_pattern in ("pyramid", "funnel"):
+        if len(lengths) != 1:
+            raise ValueError("--cache_length_pattern pyramid/funnel takes one --max_cache_length (the average)")
+        if args.pyramid_beta < 1:
+            raise ValueError(f"--pyramid_beta must be >= 1, got {args.pyramid_beta}")
+        avg = lengths[0]
+        low = avg / args.pyramid_beta  # PyramidKV: linear from 2*avg - low (layer 0) down to low
+        high = 2 * avg - low
+        step = (high - low) / max(n_layers - 1, 1)
+        budgets = [int(round(high - i * step)) for i in range(n_layers)]
+        if args.cache_length_pattern == "funnel":
+            budgets = budgets[::-1]
+    else:
+        budgets = layer_pattern(lengths, n_layers, args.cache_length_pattern, "--max_cache_length")
+    return [min(b, max_seq_length) for b in budgets]
+
+
+def build_caches(args, n_layers, n_kv_heads, head_dim, batch_size, max_seq_length, dtype, device):
+    """One cache module per layer from the parsed arguments (validated: one clear error per mistake)."""
+    strategies = layer_pattern(args.cache_strategy, n_layers, args.cache_strategy_pattern, "--cache_strategy")
+    for s in set(strategies):
+        if s not in POLICIES:
+            raise ValueError(f"unknown --cache_strategy {s!r}; allowed: {', '.join(POLICIES)}")
+    pc = args.prompt_compression_strategy
+    if pc is not None and pc not in PROMPT_COMPRESSORS:
+        raise ValueError(f"unknown --prompt_compression_strategy {pc!r}; allowed: {', '.join(PROMPT_COMPRESSORS)}")
+    if pc is not None and args.feed_long_prompts:
+        raise ValueError("--prompt_compression_strategy and --feed_long_prompts are two ways to handle long "
+                         "prompts; choose one")
+    if args.global_tokens < 0 or args.recent_window < 0:
+        raise ValueError("--global_tokens and --recent_window must be >= 0")
+    budgets = layer_budgets(args, n_layers, max_seq_length)
+    caches = []
+    for i, (strategy, budget) in enumerate(zip(strategies, budgets)):
+        cls = POLICIES[strategy]
+        if cls is FullCache:
+            budget = max_seq_length
+        elif budget < max_seq_length and budget < args.global_tokens + args.recent_window + 1:
+            raise ValueError(f"layer {i} gets a budget of {budget} slots, smaller than --global_tokens "
+                             f"({args.global_tokens}) + --recent_window ({args.recent_window}) + 1")
+        hp = {name: getattr(args, name) for name in cls.hyperparams}
+        with torch.device(device):
+            caches.append(cls(batch_size, n_kv_heads, head_dim, budget, dtype, max_seq_length=max_seq_length,
+                              global_tokens=args.global_tokens, recent_window=args.recent_window,
+                              prompt_compressor=pc, observation_window=args.observation_window,
+                              pooling_kernel=args.pooling_kernel, layer_idx=i, n_layers=n_layers,
+                              debug_attention_loss=args.debug_attention_loss, **hp))
+    return caches
 
 
 def setup(model, args, batch_size: int, prompt_len: int, max_seq_length: int):
     """Builds each layer's cache from the command-line arguments and installs it in the model."""
-    if args.cache_strategy not in POLICIES:
-        raise ValueError(f"unknown --cache_strategy {args.cache_strategy!r}; allowed: {', '.join(POLICIES)}")
     cfg = model.config
-    dtype = model.tok_embeddings.weight.dtype
-    device = model.tok_embeddings.weight.device
+    w = model.tok_embeddings.weight
+    caches = build_caches(args, cfg.n_layer, cfg.n_local_heads, cfg.head_dim, batch_size, max_seq_length,
+                          w.dtype, w.device)
+    model.setup_caches(max_seq_length, lambda i: caches[i])
+    return caches
 
-    def make(i):
-        with torch.device(device):
-            return FullCache(batch_size, cfg.n_local_heads, cfg.head_dim, max_seq_length, dtype)
 
-    model.setup_caches(max_seq_length, make)
+def prefill_budget(model) -> int:
+    """The longest prompt every layer can take without compression."""
+    return min(c.kv_budget for c in model.caches)
 
 
 def cache_stats(model) -> dict:
     caches = model.caches
     seen = int(caches[0].seen)
     b, h, _, d = caches[0].k.shape
-    kept = sum(c.kept() for c in caches) / (len(caches) * b * h)  # tokens kept per layer and KV head
+    layers = []
+    for i, c in enumerate(caches):
+        kept = c.kept() / (b * h)
+        layer = {"layer": i, "policy": type(c).__name__, "kv_budget": c.kv_budget, "kept_tokens": kept,
+                 "compression_ratio": kept / seen if seen else 1.0, "kv_cache_bytes": c.nbytes()}
+        if c.debug_attention_loss:
+            layer["attention_loss"] = float(c.lost_mass / c.lost_steps.clamp(min=1))
+        layers.append(layer)
+    kept = sum(x["kept_tokens"] for x in layers) / len(layers)
     elem = caches[0].k.element_size()
-    return {
+    stats = {
         "seen_tokens": seen,
         "kept_tokens": kept,
         "compression_ratio": kept / seen if seen else 1.0,
-        "kv_cache_bytes": sum(c.nbytes() for c in caches),
+        "kv_cache_bytes": sum(x["kv_cache_bytes"] for x in layers),
         "full_kv_cache_bytes": 2 * len(caches) * b * h * seen * d * elem,
+        "layers": layers,
     }
+    if any(c.debug_attention_loss for c in caches):
+        stats["attention_loss"] = sum(x["attention_loss"] for x in layers) / len(layers)
+    return stats

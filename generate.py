@@ -76,26 +76,36 @@ def compile_fns(device: str, compile_decode: bool, compile_prefill: bool):
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(), sampling=None,
-             prefill_fn=prefill, decode_fn=decode_one_token, callback=None):
-    """Greedy / sampled decoding of one sequence. Returns (new token ids, timing dict)."""
+             prefill_fn=prefill, decode_fn=decode_one_token, callback=None, feed_long_prompts=False):
+    """Greedy / sampled decoding of one sequence. Returns (new token ids, timing dict).
+
+    feed_long_prompts: a prompt longer than the smallest layer budget is prefilled up to budget - 1 tokens
+    and the rest is teacher-forced through the decode step, so the policy evicts as it would while decoding.
+    """
     sampling = sampling or {}
     device = model.tok_embeddings.weight.device
     for c in model.caches:
         c.reset()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    x = torch.tensor([prompt], dtype=torch.long, device=device)
-    nxt = prefill_fn(model, x, torch.arange(len(prompt), device=device), **sampling).clone()
+    n0 = len(prompt)
+    if feed_long_prompts:
+        n0 = min(n0, kvcache.prefill_budget(model) - 1)
+    x = torch.tensor([prompt[:n0]], dtype=torch.long, device=device)
+    nxt = prefill_fn(model, x, torch.arange(n0, device=device), **sampling).clone()
+    for i in range(n0, len(prompt)):  # teacher forcing: only the last step's prediction is kept
+        cur = torch.tensor([[prompt[i]]], dtype=torch.long, device=device)
+        nxt = decode_fn(model, cur, torch.tensor([i], device=device), **sampling).clone()
     tokens = [int(nxt)]
     t_first = time.perf_counter()
-    if callback:
+    if callback and tokens[-1] not in eos_ids:
         callback(tokens[-1])
     pos = torch.tensor([len(prompt)], dtype=torch.long, device=device)
     while len(tokens) < max_new_tokens and tokens[-1] not in eos_ids:
         nxt = decode_fn(model, nxt, pos, **sampling).clone()  # clone: a CUDA graph reuses its output buffer
         pos += 1
         tokens.append(int(nxt))
-        if callback:
+        if callback and tokens[-1] not in eos_ids:
             callback(tokens[-1])
     sync()
     t_end = time.perf_counter()
@@ -232,8 +242,8 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON record (text, ids, statistics) instead")
     add_model_args(p)
     kvcache.add_cache_args(p)
-    a = p.parse_args(argv)
     try:
+        a = kvcache.parse_args(p, argv)
         run(a)
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -269,7 +279,8 @@ def run(a):
     compile_s = 0.0
     if a.compile or a.compile_prefill:  # warm-up run: compile time is reported apart from decode speed
         t = time.perf_counter()
-        generate(model, prompt, min(4, a.max_new_tokens), sampling=sampling, prefill_fn=prefill_fn, decode_fn=decode_fn)
+        generate(model, prompt, min(4, a.max_new_tokens), sampling=sampling, prefill_fn=prefill_fn,
+                 decode_fn=decode_fn, feed_long_prompts=a.feed_long_prompts)
         compile_s = time.perf_counter() - t
         if a.seed is not None:
             torch.manual_seed(a.seed)
@@ -279,10 +290,12 @@ def run(a):
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         tokens, stats = generate(model, prompt, a.max_new_tokens, eos_ids=eos, sampling=sampling,
-                                 prefill_fn=prefill_fn, decode_fn=decode_fn, callback=stream)
+                                 prefill_fn=prefill_fn, decode_fn=decode_fn, callback=stream,
+                                 feed_long_prompts=a.feed_long_prompts)
         stats.update(compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(device),
                      **kvcache.cache_stats(model))
-        records.append({"text": tokenizer.decode(tokens), "token_ids": tokens, "stats": stats})
+        text_ids = tokens[:-1] if tokens[-1] in eos else tokens  # the stop token is not part of the text
+        records.append({"text": tokenizer.decode(text_ids), "token_ids": tokens, "stats": stats})
         if not a.json:
             print("\n", file=sys.stdout, flush=True)
             print(format_stats(stats, i, a.num_samples), file=sys.stderr)
@@ -300,8 +313,10 @@ def format_stats(s: dict, i: int, n: int) -> str:
         + (f" (compile warm-up {s['compile_s']:.1f} s, excluded)" if s["compile_s"] else ""),
         f"peak memory: {s['peak_memory_bytes'] / 2**20:.1f} MiB; KV cache: {s['kv_cache_bytes'] / 2**20:.2f} MiB "
         f"(full cache would be {s['full_kv_cache_bytes'] / 2**20:.2f} MiB); "
-        f"kept {s['kept_tokens']}/{s['seen_tokens']} tokens ({100 * s['compression_ratio']:.1f}%)",
+        f"kept {s['kept_tokens']:.0f}/{s['seen_tokens']} tokens per layer ({100 * s['compression_ratio']:.1f}%)",
     ]
+    if "attention_loss" in s:
+        lines.append(f"attention mass on evicted tokens (vs a shadow full cache): {s['attention_loss']:.4f}")
     return "\n".join(lines)
 
 
