@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from model import apply_rope
+
 CONFIG_DIR = Path(__file__).resolve().parent / "cache_configs"
 
 
@@ -27,12 +29,19 @@ class KVCache(nn.Module):
     default_prompt_compressor = "recent_global"
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype, *,
-                 max_seq_length: int, global_tokens: int = 4, recent_window: int = 10,
+                 max_seq_length: int = None, global_tokens: int = 4, recent_window: int = 10,
                  prompt_compressor: str = None, observation_window: int = 16, pooling_kernel: int = 5,
-                 layer_idx: int = 0, n_layers: int = 1, debug_attention_loss: bool = False, **hp):
+                 layer_idx: int = 0, n_layers: int = 1, debug_attention_loss: bool = False,
+                 position_mode: str = "absolute", **hp):
         super().__init__()
+        if position_mode not in ("absolute", "cache"):
+            raise ValueError(f"unknown position_mode {position_mode!r}; allowed: absolute, cache")
+        self.position_mode = position_mode
+        self.rotates_keys = position_mode == "cache"  # keys stored un-rotated, rotated by rank at each step
+        self.rope_cos = self.rope_sin = None  # RoPE tables, set by Transformer.setup_caches
         self.kv_budget, self.global_tokens, self.recent_window = kv_budget, global_tokens, recent_window
-        self.max_seq_length, self.layer_idx, self.n_layers = max_seq_length, layer_idx, n_layers
+        self.max_seq_length = max_seq_length or kv_budget  # longest sequence the run may reach
+        self.layer_idx, self.n_layers = layer_idx, n_layers
         self.prompt_compressor = prompt_compressor or self.default_prompt_compressor
         self.observation_window, self.pooling_kernel = observation_window, pooling_kernel
         for name, (_, default, _) in self.hyperparams.items():
@@ -46,7 +55,7 @@ class KVCache(nn.Module):
         self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
         self.debug_attention_loss = debug_attention_loss
         if debug_attention_loss:  # a shadow full cache of keys, to measure the attention mass eviction loses
-            self.register_buffer("shadow_k", torch.zeros(batch_size, n_kv_heads, max_seq_length, head_dim,
+            self.register_buffer("shadow_k", torch.zeros(batch_size, n_kv_heads, self.max_seq_length, head_dim,
                                                          dtype=dtype), persistent=False)
             self.register_buffer("lost_mass", torch.zeros((), dtype=torch.float64), persistent=False)
             self.register_buffer("lost_steps", torch.zeros((), dtype=torch.long), persistent=False)
@@ -120,7 +129,9 @@ class KVCache(nn.Module):
 
     # -- decode --------------------------------------------------------------------------------------------
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
-        """Insert one token (k, v [B, Hkv, 1, D] at position input_pos [1]); return k, v, mask for attention."""
+        """Insert one token (k, v [B, Hkv, 1, D] at position input_pos [1]); q [B, H, 1, D].
+
+        Returns q, k, v, mask for attention (q and k rotated by rank in position_mode "cache")."""
         slot = self.choose_slot(input_pos, k, q)  # [B, Hkv]
         index = slot[:, :, None, None].expand(-1, -1, 1, k.shape[-1])
         self.k.scatter_(2, index, k)
@@ -131,7 +142,22 @@ class KVCache(nn.Module):
         if self.debug_attention_loss:
             self.shadow_k.index_copy_(2, input_pos, k)
             self.measure_lost_attention(input_pos, q)
-        return self.k, self.v, (self.pos >= 0).unsqueeze(2)
+        mask = (self.pos >= 0).unsqueeze(2)
+        if self.rotates_keys:
+            return (*self.rotate_by_rank(q), self.v, mask)
+        return q, self.k, self.v, mask
+
+    def rotate_by_rank(self, q: Tensor):
+        """StreamingLLM's position shift: each key is rotated at its rank among the cached positions and the
+        query at the rank of the newest token, so positions never exceed the cache length."""
+        B, Hkv, C = self.pos.shape
+        occupied = self.pos >= 0
+        order = self.pos.masked_fill(~occupied, torch.iinfo(torch.long).max).argsort(dim=-1)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(C, device=order.device).expand(B, Hkv, C))
+        k = apply_rope(self.k, self.rope_cos[rank], self.rope_sin[rank])
+        q_rank = (occupied.sum(-1) - 1).repeat_interleave(q.shape[1] // Hkv, dim=1)  # [B, H]
+        q = apply_rope(q, self.rope_cos[q_rank].unsqueeze(2), self.rope_sin[q_rank].unsqueeze(2))
+        return q, k
 
     def choose_slot(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
         score = self.score(input_pos, k, q).float()

@@ -190,16 +190,20 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache = self.kv_cache
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # position_mode "cache": keys are stored un-rotated and the cache rotates them by their rank each step.
+        k_store = k if cache.rotates_keys else k_rot
         if prefill:
             # The prompt attends to itself causally (fused kernel); the cache then keeps what its policy keeps.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_local_heads)
-            self.kv_cache.prefill(input_pos, k, v, q)
+            y = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True,
+                                               enable_gqa=self.n_head != self.n_local_heads)
+            cache.prefill(input_pos, k_store, v, q_rot)
         else:
-            k_all, v_all, mask = self.kv_cache.update(input_pos, k, v, q)
-            y, probs = attention(q, k_all, v_all, mask, need_probs=self.kv_cache.needs_attention)
+            q_att, k_all, v_all, mask = cache.update(input_pos, k_store, v, q if cache.rotates_keys else q_rot)
+            y, probs = attention(q_att, k_all, v_all, mask, need_probs=cache.needs_attention)
             if probs is not None:
-                self.kv_cache.record_attention(probs)
+                cache.record_attention(probs)
         y = y.transpose(1, 2).reshape(B, T, q_size)
         return self.wo(y)
 
@@ -251,6 +255,7 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = cos, sin
         for i, layer in enumerate(self.layers):
             layer.attention.kv_cache = make_cache(i)
+            layer.attention.kv_cache.rope_cos, layer.attention.kv_cache.rope_sin = cos, sin
 
     def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False) -> Tensor:
         """idx [B, T] token ids at positions input_pos [T]; returns logits [B, T, vocab] in fp32."""

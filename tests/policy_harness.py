@@ -38,9 +38,9 @@ def engine_run(name, C, G, r, q, k, v, prompt_len, n_steps, cache=None, **hp):
         out.append(kept_positions(cache))
         for t in range(prompt_len, prompt_len + n_steps):
             sl = slice(t, t + 1)
-            kk, vv, mask = cache.update(torch.tensor([t]), K[:, :, sl], V[:, :, sl], Q[:, :, sl])
+            qq, kk, vv, mask = cache.update(torch.tensor([t]), K[:, :, sl], V[:, :, sl], Q[:, :, sl])
             if cache.needs_attention:
-                _, probs = attention(Q[:, :, sl], kk, vv, mask, need_probs=True)
+                _, probs = attention(qq, kk, vv, mask, need_probs=True)
                 cache.record_attention(probs)
             out.append(kept_positions(cache))
             masks.append((mask[0, :, 0].clone(), cache.pos[0].clone()))
