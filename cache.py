@@ -360,6 +360,136 @@ class HeavyHitterCache(KVCache):
         return self.attn_hist.sum(-1) / self.attn_vis.sum(-1).clamp(min=1)
 
 
+class LSHCache(KVCache):
+    """LSH-E: SimHash of each cached key (a fixed Gaussian projection per layer, packed bits); the slot whose
+    hash is farthest in Hamming distance from the incoming key (or the group's queries) is evicted.
+    Needs no attention probabilities, so attention stays on the fused path."""
+    hyperparams = {
+        "lsh_dim": (int, 16, "lsh: hash bits per key (1..64); stored packed, ceil(lsh_dim/8) bytes per token and head"),
+        "lsh_source": (str, "key", "lsh: hash the incoming key (authors' code) or the query (paper; summed over GQA)"),
+        "lsh_seed": (int, 0, "lsh: seed of the per-layer random projections"),
+    }
+
+    def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
+        super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
+        if not 1 <= self.lsh_dim <= 64:
+            raise ValueError(f"--lsh_dim must be in 1..64, got {self.lsh_dim}")
+        if self.lsh_source not in ("key", "query"):
+            raise ValueError(f"--lsh_source must be key or query, got {self.lsh_source!r}")
+        g = torch.Generator().manual_seed(self.lsh_seed * 100003 + self.layer_idx)
+        self.register_buffer("proj", torch.randn(head_dim, self.lsh_dim, generator=g), persistent=False)
+        n_bytes = (self.lsh_dim + 7) // 8
+        self.register_buffer("hashes", torch.zeros(batch_size, n_kv_heads, kv_budget, n_bytes, dtype=torch.uint8),
+                             persistent=False)
+        self.register_buffer("bit_weights", 2 ** (torch.arange(self.lsh_dim) % 8), persistent=False)
+        self.register_buffer("popcount", torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8),
+                             persistent=False)
+
+    def policy_buffers(self):
+        return ["hashes"]
+
+    def hash(self, x: Tensor) -> Tensor:
+        """x [..., D] -> packed sign bits [..., ceil(b/8)] uint8; bit i in byte i//8 at position i%8."""
+        bits = (x.float() @ self.proj >= 0).long() * self.bit_weights
+        pad = (-self.lsh_dim) % 8
+        return F.pad(bits, (0, pad)).view(*bits.shape[:-1], -1, 8).sum(-1).to(torch.uint8)
+
+    def hamming(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.popcount[(a ^ b).long()].long().sum(-1)
+
+    def after_prefill(self, k, q, keep):
+        self.hashes.copy_(self.hash(self.k))
+
+    def after_insert(self, slot, input_pos, k, q):
+        idx = slot[:, :, None, None].expand(-1, -1, 1, self.hashes.shape[-1])
+        self.hashes.scatter_(2, idx, self.hash(k))
+
+    def score(self, input_pos, k, q):
+        B, Hkv, C, n_bytes = self.hashes.shape
+        if self.lsh_source == "key":
+            d = self.hamming(self.hash(k), self.hashes)  # [B, Hkv, 1, nb] vs [B, Hkv, C, nb] -> [B, Hkv, C]
+        else:
+            hq = self.hash(q).view(B, Hkv, -1, 1, n_bytes)  # the group's queries
+            d = self.hamming(hq, self.hashes.unsqueeze(2)).sum(2)
+        return -d.float()  # = max(d) - d up to a constant: the farthest key goes first
+
+
+def sink_recent_keep(T: int, sink_tokens: int, recent_tokens: int, middle_strategy: str, middle_budget_tokens: int,
+                     uniform_stride: int, block_n: int) -> list:
+    """keep(T) of ALGORITHMS.md: sinks, the recent window, and whole middle blocks (aligned to position 0)."""
+    sink, recent = sink_tokens, recent_tokens
+    if T <= sink + recent:
+        return list(range(T))
+    keep = set(range(sink)) | set(range(T - recent, T))
+    first, end = -(-sink // block_n), (T - recent) // block_n  # partial blocks at the boundaries are dropped
+    blocks = []
+    if middle_strategy == "uniform" and first < end:
+        nb = end - first
+        if uniform_stride > 0:
+            blocks = list(range(first, end, uniform_stride))
+        elif middle_budget_tokens > 0:
+            kb = max(1, middle_budget_tokens // block_n)
+            # floor(linspace(0, nb - 1, kb)) in exact integer arithmetic (float32 linspace rounds wrongly)
+            blocks = list(range(first, end)) if kb >= nb else \
+                [first + (i * (nb - 1)) // (kb - 1) if kb > 1 else first for i in range(kb)]
+    for b in blocks:
+        keep |= set(range(b * block_n, (b + 1) * block_n))
+    return sorted(keep)
+
+
+class SinkRecentCache(KVCache):
+    """Sink + recent (+ uniform middle blocks): keep(T) at prefill; during decode a fixed budget of
+    sink + recent + middle, where the middle chosen at prefill stays and the token leaving the recent window
+    joins it only while there is room (else it is evicted). Content-independent."""
+    hyperparams = {
+        "sink_tokens": (int, 256, "sink_recent/merge_pyramid: first tokens always kept (sink_recent 256, merge_pyramid 4)"),
+        "recent_tokens": (int, 512, "sink_recent: most recent tokens kept"),
+        "middle_strategy": (str, "none", "sink_recent: none | uniform"),
+        "middle_budget_tokens": (int, 0, "sink_recent: tokens of uniformly spread middle blocks"),
+        "uniform_stride": (int, 0, "sink_recent: keep every s-th middle block (overrides the budget)"),
+        "block_n": (int, 128, "sink_recent: block size of the middle selection"),
+    }
+
+    @classmethod
+    def sized_budget(cls, prompt_len: int, max_seq_length: int, hp: dict) -> int:
+        """sink + recent + middle cap (the budget flags of this policy replace --max_cache_length)."""
+        keep = sink_recent_keep(prompt_len, **{k: hp[k] for k in cls.hyperparams})
+        s, r = hp["sink_tokens"], hp["recent_tokens"]
+        prefill_middle = sum(1 for p in keep if s <= p < prompt_len - r)
+        if hp["middle_strategy"] == "none":
+            cap = 0
+        elif hp["uniform_stride"] > 0:
+            cap = prefill_middle
+        else:
+            cap = max(prefill_middle, hp["middle_budget_tokens"])
+        return min(s + r + cap, max_seq_length)
+
+    def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
+        super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
+        if self.middle_strategy not in ("none", "uniform"):
+            raise ValueError(f"--middle_strategy must be none or uniform, got {self.middle_strategy!r}")
+        if min(self.sink_tokens, self.uniform_stride, self.middle_budget_tokens) < 0 or self.recent_tokens < 1 \
+                or self.block_n < 1:
+            raise ValueError("sink_recent needs --sink_tokens >= 0, --recent_tokens >= 1, --block_n >= 1")
+        # The recent window counts the new token: protect the recent_tokens - 1 before it.
+        self.global_tokens, self.recent_window = self.sink_tokens, self.recent_tokens - 1
+
+    def prefill(self, input_pos, k, v, q):
+        T = k.shape[2]
+        keep = sink_recent_keep(T, **{name: getattr(self, name) for name in self.hyperparams})
+        n = len(keep)
+        if n > self.kv_budget:
+            raise ValueError(f"sink_recent keeps {n} prompt tokens but the budget is {self.kv_budget}")
+        idx = torch.tensor(keep, device=k.device)
+        self.k[:, :, :n] = k[:, :, idx]
+        self.v[:, :, :n] = v[:, :, idx]
+        self.pos[:, :, :n] = idx
+        self.seen.fill_(T)
+
+    def score(self, input_pos, k, q):
+        return -self.pos.float()  # the newest unprotected token (the one leaving the window) goes
+
+
 POLICIES = {
     "full": FullCache,
     "random": RandomCache,
@@ -367,6 +497,8 @@ POLICIES = {
     "l2": L2Cache,
     "heavy_hitter": HeavyHitterCache,
     "keep_it_odd": KeepItOddCache,
+    "lsh": LSHCache,
+    "sink_recent": SinkRecentCache,
 }
 PROMPT_COMPRESSORS = ["recent_global", "random", "l2", "heavy_hitter", "keep_it_odd"]
 
@@ -398,16 +530,20 @@ def add_cache_args(p):
                    help="prefill budget-1 prompt tokens, then feed the rest through the decode step")
     g.add_argument("--debug_attention_loss", action="store_true",
                    help="keep a shadow full cache and report the attention mass evicted tokens would get")
+    g.add_argument("--position_mode", default=None, choices=["absolute", "cache"],
+                   help="RoPE positions of cached keys: absolute, or cache (rank in the cache, StreamingLLM's "
+                        "position shift); default: each policy's own (absolute for all but lacache)")
+    # Policy hyper-parameters; a flag left unset (None) lets each policy use its own default.
     seen = set()
-    for name, cls in POLICIES.items():
+    for cls in POLICIES.values():
         for hp, (typ, default, help_) in cls.hyperparams.items():
             if hp in seen:
                 continue
             seen.add(hp)
             if typ is bool:
-                g.add_argument(f"--{hp}", action="store_true", default=default, help=help_)
+                g.add_argument(f"--{hp}", action="store_const", const=True, default=None, help=help_)
             else:
-                g.add_argument(f"--{hp}", type=typ, default=default, help=f"{help_} (default {default})")
+                g.add_argument(f"--{hp}", type=typ, default=None, help=f"{help_} (default {default})")
 
 
 def parse_args(parser, argv=None):
@@ -468,7 +604,8 @@ def layer_budgets(args, n_layers: int, max_seq_length: int) -> list:
     return [min(b, max_seq_length) for b in budgets]
 
 
-def build_caches(args, n_layers, n_kv_heads, head_dim, batch_size, max_seq_length, dtype, device):
+def build_caches(args, n_layers, n_kv_heads, head_dim, batch_size, max_seq_length, dtype, device,
+                 prompt_len: int = 0):
     """One cache module per layer from the parsed arguments (validated: one clear error per mistake)."""
     strategies = layer_pattern(args.cache_strategy, n_layers, args.cache_strategy_pattern, "--cache_strategy")
     for s in set(strategies):
@@ -488,10 +625,15 @@ def build_caches(args, n_layers, n_kv_heads, head_dim, batch_size, max_seq_lengt
         cls = POLICIES[strategy]
         if cls is FullCache:
             budget = max_seq_length
-        elif budget < max_seq_length and budget < args.global_tokens + args.recent_window + 1:
+        elif not hasattr(cls, "sized_budget") and budget < max_seq_length and budget < args.global_tokens + args.recent_window + 1:
             raise ValueError(f"layer {i} gets a budget of {budget} slots, smaller than --global_tokens "
                              f"({args.global_tokens}) + --recent_window ({args.recent_window}) + 1")
-        hp = {name: getattr(args, name) for name in cls.hyperparams}
+        hp = {name: getattr(args, name) for name in cls.hyperparams if getattr(args, name, None) is not None}
+        if hasattr(cls, "sized_budget"):  # policies whose own flags set the budget
+            budget = cls.sized_budget(prompt_len, max_seq_length,
+                                      {n: hp.get(n, d) for n, (_, d, _) in cls.hyperparams.items()})
+        if args.position_mode is not None:
+            hp["position_mode"] = args.position_mode
         with torch.device(device):
             caches.append(cls(batch_size, n_kv_heads, head_dim, budget, dtype, max_seq_length=max_seq_length,
                               global_tokens=args.global_tokens, recent_window=args.recent_window,
@@ -506,7 +648,7 @@ def setup(model, args, batch_size: int, prompt_len: int, max_seq_length: int):
     cfg = model.config
     w = model.tok_embeddings.weight
     caches = build_caches(args, cfg.n_layer, cfg.n_local_heads, cfg.head_dim, batch_size, max_seq_length,
-                          w.dtype, w.device)
+                          w.dtype, w.device, prompt_len=prompt_len)
     model.setup_caches(max_seq_length, lambda i: caches[i])
     return caches
 
