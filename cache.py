@@ -26,6 +26,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "cache_configs"
 class KVCache(nn.Module):
     hyperparams = {}  # name -> (type, default, help): become --flags and constructor arguments
     needs_attention = False  # True: the model passes each decode step's attention to record_attention
+    needs_tokens = False  # True: the model calls set_tokens(idx) before each forward
     default_prompt_compressor = "recent_global"
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype, *,
@@ -174,6 +175,9 @@ class KVCache(nn.Module):
 
     def record_attention(self, probs: Tensor):
         """probs [B, Hkv, G, 1, C]: this step's attention (policies with needs_attention)."""
+
+    def set_tokens(self, idx: Tensor):
+        """idx [B, T]: the token ids of this forward (policies with needs_tokens)."""
 
     def measure_lost_attention(self, input_pos: Tensor, q: Tensor):
         """Attention mass that full attention would put on tokens this cache no longer holds."""

@@ -260,6 +260,9 @@ class Transformer(nn.Module):
     def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False) -> Tensor:
         """idx [B, T] token ids at positions input_pos [T]; returns logits [B, T, vocab] in fp32."""
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        for cache in self.caches:
+            if cache.needs_tokens:  # policies that look at token identities (FastGen's special/punctuation)
+                cache.set_tokens(idx)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, prefill)
