@@ -40,7 +40,14 @@ def test_prompt_compressors_match_reference(compressor):
     assert ours == expected
 
 
-@pytest.mark.parametrize("name", [n for n in POLICIES if n != "full"])
+SCORED = ["random", "recent_global", "l2", "heavy_hitter", "keep_it_odd", "lsh"]  # sinks + window + score
+
+
+def test_every_scored_policy_is_covered():
+    assert set(SCORED) <= set(POLICIES)
+
+
+@pytest.mark.parametrize("name", SCORED)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_invariants_on_random_streams(name, seed):
     g = torch.Generator().manual_seed(seed)
