@@ -213,18 +213,19 @@ def peak_memory_bytes(device: str) -> int:
 
 
 class TextStream:
-    """Prints decoded text as tokens arrive, holding back bytes of an unfinished UTF-8 character."""
+    """Prints the completion as tokens arrive (whole UTF-8 characters only)."""
 
     def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+        from tokenizer import StreamDecoder
+
+        self.decoder, self.out = StreamDecoder(tokenizer), out
 
     def __call__(self, token: int):
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self.out.write(text[len(self.printed):])
-            self.out.flush()
-            self.printed = text
+        self.out.write(self.decoder.put(token))
+        self.out.flush()
+
+    def close(self):
+        self.out.write(self.decoder.flush())
 
 
 def main(argv=None):
@@ -296,7 +297,8 @@ def run(a):
                      **kvcache.cache_stats(model))
         text_ids = tokens[:-1] if tokens[-1] in eos else tokens  # the stop token is not part of the text
         records.append({"text": tokenizer.decode(text_ids), "token_ids": tokens, "stats": stats})
-        if not a.json:
+        if stream:
+            stream.close()
             print("\n", file=sys.stdout, flush=True)
             print(format_stats(stats, i, a.num_samples), file=sys.stderr)
     if a.json:
