@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import apply_rope
+from model import apply_rope, attention
 
 CONFIG_DIR = Path(__file__).resolve().parent / "cache_configs"
 
@@ -33,7 +33,7 @@ class KVCache(nn.Module):
                  max_seq_length: int = None, global_tokens: int = 4, recent_window: int = 10,
                  prompt_compressor: str = None, observation_window: int = 16, pooling_kernel: int = 5,
                  layer_idx: int = 0, n_layers: int = 1, debug_attention_loss: bool = False,
-                 position_mode: str = "absolute", **hp):
+                 position_mode: str = "absolute", cache_bits: int = None, cache_group_size: int = None, **hp):
         super().__init__()
         if position_mode not in ("absolute", "cache"):
             raise ValueError(f"unknown position_mode {position_mode!r}; allowed: absolute, cache")
@@ -50,8 +50,21 @@ class KVCache(nn.Module):
         if hp:
             raise ValueError(f"{type(self).__name__} got unknown hyper-parameters {sorted(hp)}")
         shape = (batch_size, n_kv_heads, kv_budget, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.cache_bits = cache_bits
+        if cache_bits:
+            self.quant = KVQuantizer(cache_bits, cache_group_size or head_dim, head_dim)
+            for name in ("k", "v"):  # codes packed in bytes, one scale and zero per token and group
+                self.register_buffer(f"{name}_codes", torch.zeros(*shape[:3], self.quant.code_bytes, dtype=torch.uint8),
+                                     persistent=False)
+                self.register_buffer(f"{name}_scale", torch.zeros(*shape[:3], self.quant.n_groups, dtype=dtype),
+                                     persistent=False)
+                self.register_buffer(f"{name}_zero", torch.zeros(*shape[:3], self.quant.n_groups, dtype=dtype),
+                                     persistent=False)
+            self.k = self.v = None
+        else:
+            self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+            self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.kv_dtype, self.head_dim = dtype, head_dim
         self.register_buffer("pos", torch.full(shape[:3], -1, dtype=torch.long), persistent=False)
         self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
         self.debug_attention_loss = debug_attention_loss
@@ -66,8 +79,8 @@ class KVCache(nn.Module):
         return []
 
     def reset(self):
-        self.k.zero_()
-        self.v.zero_()
+        for name in self.kv_buffer_names():
+            getattr(self, name).zero_()
         self.pos.fill_(-1)
         self.seen.zero_()
         for name in self.policy_buffers():
@@ -83,14 +96,12 @@ class KVCache(nn.Module):
         T, C = k.shape[2], self.kv_budget
         if T <= C:
             keep = None
-            self.k[:, :, :T] = k
-            self.v[:, :, :T] = v
+            self.write_slots(torch.arange(T, device=k.device).expand(*k.shape[:2], T), k, v)
             self.pos[:, :, :T] = input_pos
         else:
             keep = self.compress_prompt(k, q)  # [B, Hkv, C] kept positions, increasing
             idx = keep.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
-            self.k.copy_(k.gather(2, idx))
-            self.v.copy_(v.gather(2, idx))
+            self.write_slots(torch.arange(C, device=k.device).expand_as(keep), k.gather(2, idx), v.gather(2, idx))
             self.pos.copy_(keep)
         self.seen.fill_(T)
         if self.debug_attention_loss:
@@ -134,9 +145,7 @@ class KVCache(nn.Module):
 
         Returns q, k, v, mask for attention (q and k rotated by rank in position_mode "cache")."""
         slot = self.choose_slot(input_pos, k, q)  # [B, Hkv]
-        index = slot[:, :, None, None].expand(-1, -1, 1, k.shape[-1])
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
+        self.write_slots(slot[:, :, None], k, v)
         self.pos.scatter_(2, slot[:, :, None], input_pos.view(1, 1, 1).expand(slot.shape[0], slot.shape[1], 1))
         self.seen.add_(1)
         self.after_insert(slot, input_pos, k, q)
@@ -144,18 +153,59 @@ class KVCache(nn.Module):
             self.shadow_k.index_copy_(2, input_pos, k)
             self.measure_lost_attention(input_pos, q)
         mask = (self.pos >= 0).unsqueeze(2)
+        if self.cache_bits:  # attend() reads the quantized buffers directly
+            return q, None, None, mask
         if self.rotates_keys:
-            return (*self.rotate_by_rank(q), self.v, mask)
+            return (*self.rotate_by_rank(q, self.k), self.v, mask)
         return q, self.k, self.v, mask
 
-    def rotate_by_rank(self, q: Tensor):
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor):
+        """Decode attention over the cache; returns y and (when needs_attention) the probabilities."""
+        if k is None:
+            k, v = self.quant.dequantize(self.k_codes, self.k_scale, self.k_zero), \
+                self.quant.dequantize(self.v_codes, self.v_scale, self.v_zero)
+            if self.rotates_keys:
+                q, k = self.rotate_by_rank(q, k)
+            return fused_attention(q, k.to(q.dtype), v.to(q.dtype), mask, self.needs_attention)
+        return attention(q, k, v, mask, need_probs=self.needs_attention)
+
+    # -- storage (full precision or quantized) ---------------------------------------------------------------
+    def kv_buffer_names(self):
+        if self.cache_bits:
+            return [f"{n}_{part}" for n in ("k", "v") for part in ("codes", "scale", "zero")]
+        return ["k", "v"]
+
+    def write_slots(self, index: Tensor, k: Tensor, v: Tensor):
+        """Store k, v [B, Hkv, n, D] into the slots index [B, Hkv, n]."""
+        if not self.cache_bits:
+            idx = index.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+            self.k.scatter_(2, idx, k.to(self.k.dtype))
+            self.v.scatter_(2, idx, v.to(self.v.dtype))
+            return
+        for name, x in (("k", k), ("v", v)):
+            for part, t in zip(("codes", "scale", "zero"), self.quant.quantize(x)):
+                buf = getattr(self, f"{name}_{part}")
+                buf.scatter_(2, index.unsqueeze(-1).expand(-1, -1, -1, buf.shape[-1]), t.to(buf.dtype))
+
+    def keys(self) -> Tensor:
+        """The cached keys in full precision (dequantized when stored quantized); for policy bookkeeping."""
+        if self.cache_bits:
+            return self.quant.dequantize(self.k_codes, self.k_scale, self.k_zero).to(self.kv_dtype)
+        return self.k
+
+    def values(self) -> Tensor:
+        if self.cache_bits:
+            return self.quant.dequantize(self.v_codes, self.v_scale, self.v_zero).to(self.kv_dtype)
+        return self.v
+
+    def rotate_by_rank(self, q: Tensor, k: Tensor):
         """StreamingLLM's position shift: each key is rotated at its rank among the cached positions and the
         query at the rank of the newest token, so positions never exceed the cache length."""
         B, Hkv, C = self.pos.shape
         occupied = self.pos >= 0
         order = self.pos.masked_fill(~occupied, torch.iinfo(torch.long).max).argsort(dim=-1)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(C, device=order.device).expand(B, Hkv, C))
-        k = apply_rope(self.k, self.rope_cos[rank], self.rope_sin[rank])
+        k = apply_rope(k, self.rope_cos[rank], self.rope_sin[rank])
         q_rank = (occupied.sum(-1) - 1).repeat_interleave(q.shape[1] // Hkv, dim=1)  # [B, H]
         q = apply_rope(q, self.rope_cos[q_rank].unsqueeze(2), self.rope_sin[q_rank].unsqueeze(2))
         return q, k
@@ -200,6 +250,52 @@ class KVCache(nn.Module):
 
     def kept(self) -> int:
         return int((self.pos >= 0).sum())
+
+
+class KVQuantizer:
+    """Asymmetric min-max quantization of K/V per token and group of channels, codes packed into bytes."""
+
+    def __init__(self, bits: int, group_size: int, head_dim: int):
+        if bits not in (2, 4, 8):
+            raise ValueError(f"--cache_bits must be 2, 4 or 8, got {bits}")
+        if group_size < 1 or head_dim % group_size:
+            raise ValueError(f"--cache_group_size {group_size} must divide head_dim {head_dim}")
+        self.bits, self.group_size, self.head_dim = bits, group_size, head_dim
+        self.per_byte = 8 // bits
+        self.code_bytes, self.n_groups = head_dim // self.per_byte, head_dim // group_size
+        self.levels = 2 ** bits - 1
+
+    def quantize(self, x: Tensor):
+        """x [..., D] -> codes [..., D * bits / 8] uint8, scale and zero [..., D / group_size]."""
+        xg = x.float().unflatten(-1, (self.n_groups, self.group_size))
+        lo, hi = xg.amin(-1), xg.amax(-1)
+        scale = (hi - lo).clamp(min=1e-6) / self.levels
+        codes = ((xg - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, self.levels).to(torch.uint8)
+        codes = codes.flatten(-2).unflatten(-1, (self.code_bytes, self.per_byte))
+        shifts = torch.arange(0, 8, self.bits, device=x.device, dtype=torch.uint8)
+        packed = (codes << shifts).sum(-1, dtype=torch.uint8) if self.per_byte > 1 else codes[..., 0]
+        return packed, scale, lo
+
+    def dequantize(self, codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        """Elementwise, so that under torch.compile it fuses into the attention reductions reading it."""
+        if self.per_byte > 1:
+            shifts = torch.arange(0, 8, self.bits, device=codes.device, dtype=torch.uint8)
+            codes = ((codes.unsqueeze(-1) >> shifts) & self.levels).flatten(-2)
+        x = codes.float().unflatten(-1, (self.n_groups, self.group_size))
+        return (x * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).flatten(-2)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, need_probs: bool):
+    """Decode attention written as multiply-and-reduce, so a dequantizing producer of k and v is fused into
+    the two reductions (no full-precision copy of the cache is written). q [B, H, 1, D]; k, v [B, Hkv, C, D]."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qf = q.float().reshape(B, Hkv, H // Hkv, 1, D)
+    scores = (qf * k.float().unsqueeze(2)).sum(-1) / math.sqrt(D)  # [B, Hkv, G, C]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1)
+    y = (probs.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2)  # [B, Hkv, G, D]
+    return y.reshape(B, H, 1, D).to(q.dtype), (probs.unsqueeze(3) if need_probs else None)
 
 
 def snapkv_scores(q: Tensor, k: Tensor, window: int, kernel: int) -> Tensor:
@@ -275,7 +371,7 @@ class L2Cache(KVCache):
         return ["key_norm"]
 
     def after_prefill(self, k, q, keep):
-        self.key_norm.copy_(self.k.float().norm(dim=-1))
+        self.key_norm.copy_(self.keys().float().norm(dim=-1))
 
     def after_insert(self, slot, input_pos, k, q):
         self.key_norm.scatter_(2, slot[:, :, None], k.float().norm(dim=-1))
@@ -402,7 +498,7 @@ class LSHCache(KVCache):
         return self.popcount[(a ^ b).long()].long().sum(-1)
 
     def after_prefill(self, k, q, keep):
-        self.hashes.copy_(self.hash(self.k))
+        self.hashes.copy_(self.hash(self.keys()))
 
     def after_insert(self, slot, input_pos, k, q):
         idx = slot[:, :, None, None].expand(-1, -1, 1, self.hashes.shape[-1])
@@ -485,8 +581,7 @@ class SinkRecentCache(KVCache):
         if n > self.kv_budget:
             raise ValueError(f"sink_recent keeps {n} prompt tokens but the budget is {self.kv_budget}")
         idx = torch.tensor(keep, device=k.device)
-        self.k[:, :, :n] = k[:, :, idx]
-        self.v[:, :, :n] = v[:, :, idx]
+        self.write_slots(torch.arange(n, device=k.device).expand(*k.shape[:2], n), k[:, :, idx], v[:, :, idx])
         self.pos[:, :, :n] = idx
         self.seen.fill_(T)
 
@@ -532,6 +627,10 @@ def add_cache_args(p):
     g.add_argument("--pooling_kernel", type=int, default=5, help="SnapKV: 1-D pooling kernel over the scores")
     g.add_argument("--feed_long_prompts", action="store_true",
                    help="prefill budget-1 prompt tokens, then feed the rest through the decode step")
+    g.add_argument("--cache_bits", type=int, default=None, choices=[2, 4, 8],
+                   help="store K/V quantized (per token and group, min-max) with every policy")
+    g.add_argument("--cache_group_size", type=int, default=None,
+                   help="channels sharing one scale with --cache_bits (default: head_dim, i.e. per token)")
     g.add_argument("--debug_attention_loss", action="store_true",
                    help="keep a shadow full cache and report the attention mass evicted tokens would get")
     g.add_argument("--position_mode", default=None, choices=["absolute", "cache"],
@@ -643,7 +742,8 @@ def build_caches(args, n_layers, n_kv_heads, head_dim, batch_size, max_seq_lengt
                               global_tokens=args.global_tokens, recent_window=args.recent_window,
                               prompt_compressor=pc, observation_window=args.observation_window,
                               pooling_kernel=args.pooling_kernel, layer_idx=i, n_layers=n_layers,
-                              debug_attention_loss=args.debug_attention_loss, **hp))
+                              debug_attention_loss=args.debug_attention_loss, cache_bits=args.cache_bits,
+                              cache_group_size=args.cache_group_size, **hp))
     return caches
 
 
@@ -665,7 +765,8 @@ def prefill_budget(model) -> int:
 def cache_stats(model) -> dict:
     caches = model.caches
     seen = int(caches[0].seen)
-    b, h, _, d = caches[0].k.shape
+    b, h, _ = caches[0].pos.shape
+    d = caches[0].head_dim
     layers = []
     for i, c in enumerate(caches):
         kept = c.kept() / (b * h)
@@ -675,7 +776,7 @@ def cache_stats(model) -> dict:
             layer["attention_loss"] = float(c.lost_mass / c.lost_steps.clamp(min=1))
         layers.append(layer)
     kept = sum(x["kept_tokens"] for x in layers) / len(layers)
-    elem = caches[0].k.element_size()
+    elem = torch.empty((), dtype=caches[0].kv_dtype).element_size()
     stats = {
         "seen_tokens": seen,
         "kept_tokens": kept,

@@ -201,7 +201,7 @@ class Attention(nn.Module):
             cache.prefill(input_pos, k_store, v, q_rot)
         else:
             q_att, k_all, v_all, mask = cache.update(input_pos, k_store, v, q if cache.rotates_keys else q_rot)
-            y, probs = attention(q_att, k_all, v_all, mask, need_probs=cache.needs_attention)
+            y, probs = cache.attend(q_att, k_all, v_all, mask)
             if probs is not None:
                 cache.record_attention(probs)
         y = y.transpose(1, 2).reshape(B, T, q_size)
@@ -274,7 +274,8 @@ class Transformer(nn.Module):
 
 
 def load_model(checkpoint: Path, device, dtype) -> Transformer:
-    """checkpoint: a folder with config.json + model.pth, or the model.pth path itself."""
+    """checkpoint: a folder with config.json + model.pth, or a weights file in it: model.pth, or quantize.py's
+    model_int8.pth / model_int4.gN.pth (detected by their __quantization__ entry; same config.json)."""
     checkpoint = Path(checkpoint)
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     weights = checkpoint / "model.pth" if checkpoint.is_dir() else checkpoint
@@ -282,8 +283,15 @@ def load_model(checkpoint: Path, device, dtype) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     state = torch.load(weights, mmap=True, weights_only=True, map_location="cpu")
+    quant = state.pop("__quantization__", None)  # model_int8.pth / model_int4.gN.pth, written by quantize.py
+    if quant is not None:
+        import quantize
+
+        quant = quantize.check_meta(quant, weights)
+        quantize.swap_linears(model, quant)  # a tied head is stored as its own quantized linear
+    tied = args.tie_word_embeddings and quant is None
     expected = set(model.state_dict())
-    if args.tie_word_embeddings:
+    if tied:
         expected.discard("output.weight")
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -294,9 +302,13 @@ def load_model(checkpoint: Path, device, dtype) -> Transformer:
         if tensor.shape != want:
             raise ValueError(f"{weights}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(want)}")
     model.load_state_dict(state, assign=True, strict=False)
-    if args.tie_word_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    model.quantization = quant
+    if quant is not None:
+        quantize.prepare(model)  # int4: the device's kernel layout
+    return model
 
 
 def random_model(args: ModelArgs, device, dtype, seed: int = 0) -> Transformer:

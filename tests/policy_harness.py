@@ -4,7 +4,6 @@ import random
 import torch
 
 from cache import POLICIES
-from model import attention
 
 
 def random_stream(n_pos, n_heads, n_kv, d, seed=0):
@@ -39,8 +38,8 @@ def engine_run(name, C, G, r, q, k, v, prompt_len, n_steps, cache=None, **hp):
         for t in range(prompt_len, prompt_len + n_steps):
             sl = slice(t, t + 1)
             qq, kk, vv, mask = cache.update(torch.tensor([t]), K[:, :, sl], V[:, :, sl], Q[:, :, sl])
-            if cache.needs_attention:
-                _, probs = attention(qq, kk, vv, mask, need_probs=True)
+            _, probs = cache.attend(qq, kk, vv, mask)
+            if probs is not None:
                 cache.record_attention(probs)
             out.append(kept_positions(cache))
             masks.append((mask[0, :, 0].clone(), cache.pos[0].clone()))
