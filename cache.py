@@ -11,6 +11,7 @@ slots fill first, ties go to the lowest slot index, prompts longer than the budg
 statistics are kept. Semantics: ../shared/ALGORITHMS.md; the step-by-step references: tests/reference_policies.py.
 """
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -649,10 +650,21 @@ def add_cache_args(p):
                 g.add_argument(f"--{hp}", type=typ, default=None, help=f"{help_} (default {default})")
 
 
+def one_line_errors(parser):
+    """argparse prints its whole usage before an error; bad input gets one line here (and exit 2)."""
+    def error(message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
+    return parser
+
+
 def parse_args(parser, argv=None):
     """parse_args with --cache_config: the YAML's values become defaults, so command-line flags override them."""
     import yaml
 
+    one_line_errors(parser)
     pre, _ = parser.parse_known_args(argv)
     if pre.cache_config:
         path = Path(pre.cache_config)
