@@ -800,3 +800,4 @@ def cache_stats(model) -> dict:
     if any(c.debug_attention_loss for c in caches):
         stats["attention_loss"] = sum(x["attention_loss"] for x in layers) / len(layers)
     return stats
+from hybrid import HybridCache; POLICIES["hybrid"] = HybridCache  # noqa: E402
