@@ -70,7 +70,9 @@ def compile_fns(device: str, compile_decode: bool, compile_prefill: bool):
         mode = "reduce-overhead" if device.startswith("cuda") else None  # CUDA graphs on GPU
         decode = torch.compile(decode_one_token, mode=mode, fullgraph=True)
     if compile_prefill:
-        pre = torch.compile(prefill, fullgraph=True, dynamic=True)
+        # Not fullgraph: prompt compression and some policies' prefill pick positions on the host (data-dependent
+        # sizes); those spots fall back to eager. Prefill runs once per prompt, the decode step stays one graph.
+        pre = torch.compile(prefill, dynamic=True)
     return pre, decode
 
 
