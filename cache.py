@@ -801,3 +801,4 @@ def cache_stats(model) -> dict:
         stats["attention_loss"] = sum(x["attention_loss"] for x in layers) / len(layers)
     return stats
 from hybrid import HybridCache; POLICIES["hybrid"] = HybridCache  # noqa: E402
+from merge_pyramid import MergePyramidCache; POLICIES["merge_pyramid"] = MergePyramidCache  # noqa: E402
