@@ -276,6 +276,9 @@ def run(a):
     if a.seed is not None:
         torch.manual_seed(a.seed)
     kvcache.setup(model, a, batch_size=1, prompt_len=len(prompt), max_seq_length=max_seq_length)
+    from hybrid import set_token_classes
+
+    set_token_classes(model, tokenizer)  # FastGen's special/punctuation classes; no-op without hybrid layers
     sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     eos = set(tokenizer.eos_ids) | set(cfg.eos_ids)
     prefill_fn, decode_fn = compile_fns(device, a.compile, a.compile_prefill)
