@@ -1,0 +1,213 @@
+"""Compare cache strategies from eval.py results: a markdown table and a plot of score versus compression.
+
+    python compare_strategies.py results/                                   # table on stdout
+    python compare_strategies.py results/ --out_md table.md --out_png docs/quality_vs_compression.png
+    python compare_strategies.py results/ --update_md docs/results.md       # replace the table between markers
+
+Reads every metrics.json below the given folders (results/MODEL/CONFIG/TASK-.../metrics.json). A strategy is
+the configuration without its budget flags (max_cache_length, initial_local_window, sink/recent/middle sizes),
+so each strategy becomes one line through its budgets. The x axis is the compression eval.py measured: the
+fraction of the tokens seen that each layer's cache still holds at the end of a sample (mean over samples and
+layers, `compression_ratio` of cache.cache_stats; 1 = nothing evicted).
+"""
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+BUDGET_KEYS = {"max_cache_length", "initial_local_window", "sink_tokens", "recent_tokens", "middle_budget_tokens",
+               "uniform_stride", "block_n", "cache_length_pattern", "pyramid_beta"}
+MARK_BEGIN, MARK_END = "<!-- compare_strategies:begin -->", "<!-- compare_strategies:end -->"
+
+
+def load(paths, model=None, tasks=None) -> list:
+    rows = []
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.name == "metrics.json" else sorted(root.rglob("metrics.json"))
+        for f in files:
+            try:
+                m = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                print(f"warning: skipping {f}: {e}", file=sys.stderr)
+                continue
+            if "score" not in m or "config" not in m:
+                continue
+            if model and m.get("model") != model or tasks and m["task"] not in tasks:
+                continue
+            m["_path"] = str(f)
+            rows.append(m)
+    return rows
+
+
+def split_config(name: str) -> tuple:
+    """'l2__max_cache_length=0.5__prompt_compression_strategy=l2' -> ('l2', 'prompt_compression_strategy=l2',
+    'max_cache_length=0.5')."""
+    parts = name.split("__")
+    rest = [p for p in parts[1:] if p.split("=")[0] not in BUDGET_KEYS]
+    budget = [p for p in parts[1:] if p.split("=")[0] in BUDGET_KEYS]
+    return parts[0], "__".join(rest), "__".join(budget)
+
+
+def strategy_labels(rows) -> dict:
+    """config -> legend label: the base name, or base + its non-budget flags where two variants share a base."""
+    variants = defaultdict(set)
+    for r in rows:
+        base, rest, _ = split_config(r["config"])
+        variants[base].add(rest)
+    labels = {}
+    for r in rows:
+        base, rest, _ = split_config(r["config"])
+        labels[r["config"]] = base if len(variants[base]) == 1 or not rest else f"{base} ({rest.replace('__', ', ')})"
+    return labels
+
+
+def budget_label(r) -> str:
+    st = r["stats"]
+    slots = st.get("layer_kv_budget")
+    if not slots:
+        return "?"
+    avg = sum(slots) / len(slots)
+    return f"{avg:.0f}/{st['max_seq_length']} ({100 * avg / st['max_seq_length']:.0f}%)"
+
+
+def fmt_score(r) -> str:
+    return f"{r['score']:.2f}" if r["primary"] == "ppl" else f"{r['score']:.1f}"
+
+
+def table(rows) -> str:
+    labels = strategy_labels(rows)
+    task_order = []
+    for r in rows:
+        if r["task"] not in task_order:
+            task_order.append(r["task"])
+    task_order.sort(key=lambda t: (t == "ppl", t))
+    by_cfg = defaultdict(dict)
+    for r in rows:
+        by_cfg[(r["model"], r["config"])][r["task"]] = r
+    head = ["model", "strategy", "slots per layer"] + [
+        f"{t} ({next(r['primary'] for r in rows if r['task'] == t)}{', lower is better' if t == 'ppl' else ''})"
+        for t in task_order] + ["kept (mean)", "KV MiB (mean)", "decode tok/s (mean)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def sort_key(item):
+        (model, cfg), tasks = item
+        label = labels[cfg]
+        kept = sum(r["stats"]["compression_ratio"] for r in tasks.values()) / len(tasks)
+        return (model, label != "full", label, -kept)
+
+    for (model, cfg), tasks in sorted(by_cfg.items(), key=sort_key):
+        any_r = next(iter(tasks.values()))
+        cells = [model, labels[cfg], budget_label(next((r for t, r in tasks.items() if t != "ppl"), any_r))]
+        for t in task_order:
+            r = tasks.get(t)
+            cells.append("" if r is None else f"{fmt_score(r)} ({100 * r['stats']['compression_ratio']:.0f}% kept)")
+        rs = list(tasks.values())
+        cells.append(f"{100 * sum(r['stats']['compression_ratio'] for r in rs) / len(rs):.0f}%")
+        cells.append(f"{sum(r['stats']['kv_cache_bytes'] for r in rs) / len(rs) / 2**20:.2f}")
+        tps = [r["stats"].get("decode_tokens_per_s") or r["stats"].get("tokens_per_s") for r in rs]
+        tps = [x for x in tps if x]
+        cells.append(f"{sum(tps) / len(tps):.1f}" if tps else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, out: Path, title: str = None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = strategy_labels(rows)
+    tasks = sorted({r["task"] for r in rows}, key=lambda t: (t == "ppl", t))
+    n = len(tasks)
+    cols = min(n, 4)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.8 * nrows), squeeze=False)
+    names = sorted({labels[r["config"]] for r in rows}, key=lambda s: (s != "full", s))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors = {s: cmap(i % cmap.N) for i, s in enumerate(names)}
+    markers = "osD^v<>pPXh*"
+    for ax, task in zip(axes.flat, tasks):
+        sub = [r for r in rows if r["task"] == task]
+        for i, s in enumerate(names):
+            pts = sorted((r["stats"]["compression_ratio"], r["score"]) for r in sub if labels[r["config"]] == s)
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            if s == "full":
+                ax.axhline(ys[0], color="k", ls="--", lw=1, label="full")
+                ax.plot(xs, ys, "k*", ms=10)
+            else:
+                ax.plot(xs, ys, marker=markers[i % len(markers)], color=colors[s], label=s, lw=1.5, ms=5)
+        r0 = sub[0]
+        ax.set_title(f"{task}", fontsize=10)
+        ax.set_xlabel("KV kept / tokens seen")
+        ax.set_ylabel(f"{r0['primary']}" + (" (lower is better)" if not r0.get("higher_is_better", True) else ""))
+        if task == "ppl" or r0["primary"] == "ppl":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labs = {}, []
+    for ax in axes.flat:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(l, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.08 + 0.02 * ((len(handles) - 1) // 6), 1, 0.95 if title else 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def update_markdown(path: Path, text: str):
+    doc = path.read_text() if path.exists() else ""
+    block = f"{MARK_BEGIN}\n{text}{MARK_END}"
+    if MARK_BEGIN in doc and MARK_END in doc:
+        pre, rest = doc.split(MARK_BEGIN, 1)
+        _, post = rest.split(MARK_END, 1)
+        doc = pre + block + post
+    else:
+        doc = doc + ("\n" if doc and not doc.endswith("\n") else "") + block + "\n"
+    path.write_text(doc)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", type=Path, default=[Path("results")], help="results folders or metrics.json")
+    p.add_argument("--model", default=None, help="only this model folder name")
+    p.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
+    p.add_argument("--out_md", type=Path, default=None, help="write the table here (default: stdout)")
+    p.add_argument("--update_md", type=Path, default=None,
+                   help=f"replace the table between {MARK_BEGIN} and {MARK_END} in this markdown file")
+    p.add_argument("--out_png", type=Path, default=None, help="plot of score versus compression (matplotlib, Agg)")
+    p.add_argument("--title", default=None)
+    a = p.parse_args(argv)
+    missing = [str(x) for x in a.paths if not x.exists()]
+    if missing:
+        print(f"error: no such results folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    rows = load(a.paths, a.model, a.tasks)
+    if not rows:
+        print(f"error: no metrics.json under {', '.join(map(str, a.paths))}", file=sys.stderr)
+        return 2
+    t = table(rows)
+    if a.out_md:
+        a.out_md.parent.mkdir(parents=True, exist_ok=True)
+        a.out_md.write_text(t)
+    if a.update_md:
+        update_markdown(a.update_md, t)
+    if not a.out_md and not a.update_md:
+        sys.stdout.write(t)
+    if a.out_png:
+        plot(rows, a.out_png, a.title)
+        print(f"wrote {a.out_png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,565 @@
+"""Quality versus compression: run any cache configuration on evaluation tasks, offline.
+
+    python eval.py --tasks niah_single_2 vt --cache_strategy l2 --max_cache_length 0.5 --num_samples 20 --seq_length 1024
+    python eval.py --tasks rulerniah --cache_config lsh --lsh_dim 8 --feed_long_prompts --seq_length 4096
+    python eval.py --tasks ppl --cache_strategy recent_global --max_cache_length 256 --seq_length 2000
+
+Writes results/MODEL/CONFIG/TASK-lenL-genG-nN/ with predictions.jsonl (one record per sample, written as it
+finishes), metrics.json (scores and run statistics) and args.json (the exact command and resolved arguments);
+results/MODEL/CONFIG/runs.jsonl gets one line per invocation (tokens/s with compile warm-up excluded, time to
+first token, peak memory, KV-cache bytes, compression achieved). Finished tasks are skipped and unfinished ones
+resume after their last written sample, unless --overwrite.
+
+One max_seq_length = --seq_length + --max_new_tokens sizes every cache for the whole run, so a fractional
+--max_cache_length gives the same number of slots for every sample and task; caches are built once and reset
+per sample, and the compiled functions (--compile) are made and warmed up once. Task list: see tasks.py.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import cache as kvcache
+import generate as gen
+import metrics as M
+import tasks as T
+
+REPO = Path(__file__).resolve().parent
+
+
+class UserError(gen.UserError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments and names
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--tasks", nargs="+", default=["niah_single_2"], help="tasks (see tasks.py): " + ", ".join(T.task_names()))
+    g.add_argument("--num_samples", type=int, default=20, help="samples per task (dataset tasks: the first N rows)")
+    g.add_argument("--seq_length", type=int, default=4096,
+                   help="prompt tokens of synthetic tasks (chat template included), the perplexity window, and "
+                        "the truncation length of dataset prompts")
+    g.add_argument("--max_new_tokens", type=int, default=None,
+                   help="longest generation of the run (default: the longest default of its tasks); each task "
+                        "generates at most min(its default, this); caches hold seq_length + max_new_tokens")
+    g.add_argument("--task_opts", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="task options, e.g. depth=50 num_cw=5 haystack=noise text=kjv (applied to every task "
+                        "that has the option)")
+    g.add_argument("--seed", type=int, default=0, help="task generation and sampling seed")
+    g.add_argument("--out_dir", type=Path, default=REPO / "results")
+    g.add_argument("--overwrite", action="store_true", help="recompute finished tasks")
+    g.add_argument("--data_dir", type=Path, default=None,
+                   help="JSONL files TASK.jsonl in the hub schema for dataset tasks (or $KVCOMPILE_DATA_DIR)")
+    g.add_argument("--no_chat", action="store_true", help="raw prompts, without the chat template")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top_k", type=int, default=0)
+    g.add_argument("--top_p", type=float, default=1.0)
+    g.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--llm_judge", action="store_true",
+                   help="also score free-response tasks with an LLM judge (needs OPENAI_API_KEY; skipped otherwise)")
+    g.add_argument("--judge_model", default="gpt-4o-mini")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g.add_argument("--print_dir", action="store_true", help="print the results folder of this configuration and exit")
+    gen.add_model_args(p)
+    before = {a.dest for a in p._actions}
+    kvcache.add_cache_args(p)
+    cache_dests = [a.dest for a in p._actions if a.dest not in before]
+    return p, cache_dests
+
+
+def _fmt(v):
+    if isinstance(v, float) and v == int(v):
+        return str(int(v))
+    if isinstance(v, (list, tuple)):
+        return ",".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def config_name(a, defaults: dict, cache_dests: list) -> str:
+    """A readable folder name: the config (or strategy) and every cache flag that differs from the built-in
+    defaults (a YAML config's values included), so equal settings share a folder however they were given."""
+    base = Path(a.cache_config).stem if a.cache_config else "+".join(a.cache_strategy)
+    parts = [base]
+    for d in sorted(cache_dests):
+        if d == "cache_config" or (d == "cache_strategy" and (not a.cache_config or a.cache_strategy == [base])):
+            continue
+        v = getattr(a, d)
+        if v != defaults.get(d):
+            parts.append(f"{d}={_fmt(v)}")
+    if a.dtype != "auto":
+        parts.append(f"dtype={a.dtype}")
+    name = "__".join(parts)
+    if len(name) > 200:
+        name = name[:150] + "__" + hashlib.sha1(name.encode()).hexdigest()[:12]
+    return name.replace("/", "_")
+
+
+def parse_task_opts(items) -> dict:
+    opts = {}
+    for it in items:
+        if "=" not in it:
+            raise UserError(f"--task_opts takes KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        opts[k] = v
+    return opts
+
+
+def make_tasks(names, opts: dict) -> list:
+    """KEY=VALUE applies to every task that has the option; TASK.KEY=VALUE to that task only (aliases work)."""
+    out, seen, used = [], set(), set()
+    for n in names:
+        try:
+            name = T.canonical(n)
+        except T.TaskError as e:
+            raise UserError(str(e))
+        if name in seen:
+            continue
+        seen.add(name)
+        known = set(T.get_task(name).options) | {"max_new_tokens"}
+        mine = {}
+        for k, v in opts.items():
+            target, _, key = k.rpartition(".")
+            if target:
+                if target not in T.task_names():
+                    raise UserError(f"--task_opts {k}: unknown task {target!r}")
+                if T.canonical(target) != name:
+                    continue
+            elif key not in known:
+                continue
+            mine[key] = v
+            used.add(k)
+        out.append(T.get_task(name, **mine))
+    unused = sorted(set(opts) - used)
+    if unused:
+        raise UserError(f"--task_opts {unused} match no option of the tasks {[t.name for t in out]}")
+    return out
+
+
+def task_dir_name(task, a, gen_len: int) -> str:
+    name = f"{task.name}-len{a.seq_length}-gen{gen_len}-n{a.num_samples}"
+    if a.seed:
+        name += f"-seed{a.seed}"
+    if a.no_chat:
+        name += "-nochat"
+    if a.temperature > 0:
+        name += f"-t{_fmt(a.temperature)}-k{a.top_k}-p{_fmt(a.top_p)}"
+    changed = {k: v for k, v in task.opts.items() if v != task.options.get(k)}
+    if changed:
+        name += "-" + "_".join(f"{k}{_fmt(v)}" for k, v in sorted(changed.items())).replace("/", "_")[:60]
+    return name
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def jsonable(v):
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run: model, caches and compiled functions made once
+# ---------------------------------------------------------------------------------------------------------------
+def prefill_logits(model, x, input_pos):
+    return model(x, input_pos, prefill=True)[:, -1]
+
+
+def step_logits(model, cur, input_pos):
+    return model(cur, input_pos)[:, -1]
+
+
+class Runtime:
+    def __init__(self, a, model, tokenizer, device, max_seq_length):
+        self.a, self.model, self.tokenizer, self.device = a, model, tokenizer, device
+        self.max_seq_length = max_seq_length
+        self.sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+        self.eos = set(tokenizer.eos_ids) | set(model.config.eos_ids)
+        self.prefill_fn, self.decode_fn = gen.compile_fns(device, a.compile, a.compile_prefill)
+        self.prefill_logits, self.step_logits = prefill_logits, step_logits
+        if a.compile:
+            mode = "reduce-overhead" if device.startswith("cuda") else None
+            self.step_logits = torch.compile(step_logits, mode=mode, fullgraph=True)
+        if a.compile_prefill:
+            self.prefill_logits = torch.compile(prefill_logits, fullgraph=True, dynamic=True)
+        self.nll_step = None  # perplexity.py's step, compiled on first use
+        self.warm = set()
+        self.compile_s = 0.0
+
+    def warm_up(self, kind, ids):
+        """Compile (and run once) what `kind` needs, before anything is timed."""
+        if kind in self.warm or not (self.a.compile or self.a.compile_prefill):
+            self.warm.add(kind)
+            return
+        t = time.perf_counter()
+        if kind == "generate":
+            gen.generate(self.model, ids, 4, sampling=self.sampling, prefill_fn=self.prefill_fn,
+                         decode_fn=self.decode_fn, feed_long_prompts=self.a.feed_long_prompts)
+        elif kind == "perplexity" and _perplexity_module() is not None:
+            mod = _perplexity_module()
+            mod.streaming_nll(self.model, ids[:6], step_fn=self.get_nll_step(mod))
+        else:
+            self.prompt_logits(ids)
+            pos = len(ids)
+            for j in range(3):
+                self.step(ids[-1], pos + j)
+        self.compile_s += time.perf_counter() - t
+        self.warm.add(kind)
+
+    def get_nll_step(self, mod):
+        if self.nll_step is None:
+            self.nll_step = mod.nll_step
+            if self.a.compile:
+                mode = "reduce-overhead" if self.device.startswith("cuda") else None
+                self.nll_step = torch.compile(mod.nll_step, mode=mode, fullgraph=True)
+        return self.nll_step
+
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        cur = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        return self.step_logits(self.model, cur, torch.tensor([pos], device=self.device)).clone()
+
+    def prompt_logits(self, ids: list) -> torch.Tensor:
+        """Reset the caches, prefill the prompt (up to budget - 1 tokens with --feed_long_prompts, the rest
+        through the decode step, as generate.generate does) and return the last position's logits [1, V]."""
+        for c in self.model.caches:
+            c.reset()
+        n0 = len(ids)
+        if self.a.feed_long_prompts:
+            n0 = min(n0, kvcache.prefill_budget(self.model) - 1)
+        x = torch.tensor([ids[:n0]], dtype=torch.long, device=self.device)
+        logits = self.prefill_logits(self.model, x, torch.arange(n0, device=self.device)).clone()
+        for i in range(n0, len(ids)):
+            logits = self.step(ids[i], i)
+        return logits
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cache_summary(model) -> dict:
+    s = kvcache.cache_stats(model)
+    out = {k: v for k, v in s.items() if k != "layers"}
+    out["layer_kept_tokens"] = [x["kept_tokens"] for x in s["layers"]]
+    out["layer_kv_budget"] = [x["kv_budget"] for x in s["layers"]]
+    return out
+
+
+def run_generate(rt, task, sample, gen_len):
+    ids = sample["ids"]
+    tokens, st = gen.generate(rt.model, ids, gen_len, eos_ids=rt.eos, sampling=rt.sampling,
+                              prefill_fn=rt.prefill_fn, decode_fn=rt.decode_fn,
+                              feed_long_prompts=rt.a.feed_long_prompts)
+    text_ids = tokens[:-1] if tokens and tokens[-1] in rt.eos else tokens
+    pred = rt.tokenizer.decode(text_ids)
+    scores = task.score(pred, sample)
+    if rt.a.llm_judge and task.kind == "generate" and "question" in sample:
+        j = M.llm_judge(sample["question"], pred, sample["references"], model=rt.a.judge_model)
+        if j is not None:
+            scores["llm_judge"] = j
+    return {"prediction": pred, "references": sample["references"], "scores": scores, "stats": st}
+
+
+def run_loglikelihood(rt, task, sample):
+    enc = T.PromptEncoder(rt.tokenizer, not rt.a.no_chat)
+    ids = sample["ids"]
+    logprobs = []
+    t0 = time.perf_counter()
+    for choice in sample["choices"]:
+        cont = enc.continuation(choice)
+        logits = rt.prompt_logits(ids)
+        lp = 0.0
+        for j, t in enumerate(cont):
+            if j:
+                logits = rt.step(cont[j - 1], len(ids) + j - 1)
+            lp += float(torch.log_softmax(logits[0].float(), -1)[t])
+        logprobs.append(lp)
+    sync(rt.device)
+    scores = task.score_choices(logprobs, sample)
+    best = max(range(len(logprobs)), key=lambda i: logprobs[i])
+    return {"prediction": sample["choices"][best], "references": sample["references"], "logprobs": logprobs,
+            "scores": scores, "stats": {"prompt_tokens": len(ids), "seconds": time.perf_counter() - t0}}
+
+
+def _perplexity_module():
+    """perplexity.py's streaming runner when present (same method as below), else None."""
+    try:
+        import perplexity
+    except ImportError:
+        return None
+    return perplexity if hasattr(perplexity, "streaming_nll") and hasattr(perplexity, "nll_step") else None
+
+
+def run_perplexity(rt, task, sample):
+    """Feed the window one token at a time through the decode step (the first token by a 1-token prefill) and
+    take the NLL of each next token: perplexity.streaming_nll when perplexity.py is there, else the same loop
+    here."""
+    ids = sample["ids"]
+    t0 = time.perf_counter()
+    ppl_mod = _perplexity_module()
+    if ppl_mod is not None:
+        nll = ppl_mod.streaming_nll(rt.model, ids, step_fn=rt.get_nll_step(ppl_mod)).double().cpu().tolist()
+        runner = "perplexity.streaming_nll"
+    else:
+        for c in rt.model.caches:
+            c.reset()
+        nll = []
+        logits = rt.prefill_logits(rt.model, torch.tensor([ids[:1]], device=rt.device),
+                                   torch.arange(1, device=rt.device)).clone()
+        for i in range(1, len(ids)):
+            nll.append(-float(torch.log_softmax(logits[0].float(), -1)[ids[i]]))
+            if i < len(ids) - 1:
+                logits = rt.step(ids[i], i)
+        runner = "eval.run_perplexity"
+    sync(rt.device)
+    dt = time.perf_counter() - t0
+    cps = {str(n): math.exp(sum(nll[:n]) / n) for n in task.checkpoints(len(nll))}
+    return {"prediction": None, "references": None, "nll": nll, "runner": runner,
+            "scores": {"ppl": math.exp(sum(nll) / len(nll))}, "ppl_at": cps,
+            "stats": {"prompt_tokens": len(ids), "seconds": dt, "tokens_per_s": len(ids) / dt}}
+
+
+def aggregate(task, records, cache_info, extra, judge_skipped=False) -> dict:
+    n = len(records)
+    out = {"task": task.name, "description": task.description, "kind": task.kind, "num_samples": n,
+           "primary": task.primary, "higher_is_better": task.higher_is_better, "metrics": {}}
+    if task.kind == "perplexity":
+        nll = [x for r in records for x in r["nll"]]
+        out["metrics"]["ppl"] = math.exp(sum(nll) / len(nll))
+        L = min(len(r["nll"]) for r in records)
+        out["ppl_at"] = {str(c): math.exp(sum(sum(r["nll"][:c]) for r in records) / (c * n))
+                         for c in task.checkpoints(L)}
+        out["tokens_scored"] = len(nll)
+    else:
+        names = sorted({k for r in records for k in r["scores"]})
+        for m in names:
+            vals = [r["scores"][m] for r in records if m in r["scores"]]
+            out["metrics"][m] = 100.0 * sum(vals) / len(vals)
+        if task.kind == "generate" and judge_skipped:
+            out["llm_judge"] = "skipped: OPENAI_API_KEY is not set"
+
+    def mean(key):
+        vals = [r["stats"][key] for r in records if key in r["stats"]]
+        return sum(vals) / len(vals) if vals else None
+
+    stats = {"time_to_first_token_s": mean("time_to_first_token_s"),
+             "decode_tokens_per_s": mean("decode_tokens_per_s"),
+             "prompt_tokens": mean("prompt_tokens"), "new_tokens": mean("new_tokens"),
+             "tokens_per_s": mean("tokens_per_s"), "seconds_per_sample": mean("seconds"),
+             "compression_ratio": sum(r["cache"]["compression_ratio"] for r in records) / n,
+             "kept_tokens": sum(r["cache"]["kept_tokens"] for r in records) / n,
+             "seen_tokens": sum(r["cache"]["seen_tokens"] for r in records) / n}
+    stats = {k: v for k, v in stats.items() if v is not None}
+    out["stats"] = {**stats, **cache_info, **extra}
+    out["score"] = out["metrics"][task.primary]
+    return out
+
+
+def read_records(path: Path, fingerprint: str) -> list:
+    """Finished samples of an interrupted run (same fingerprint), in order, stopping at the first gap."""
+    if not path.exists():
+        return []
+    recs = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a half-written last line
+        if r.get("fingerprint") != fingerprint or r.get("id") != len(recs):
+            break
+        recs.append(r)
+    return recs
+
+
+def main(argv=None):
+    p, cache_dests = build_parser()
+    defaults = {a.dest: a.default for a in p._actions}
+    try:
+        a = kvcache.parse_args(p, argv)
+        run(a, defaults, cache_dests, argv if argv is not None else sys.argv[1:])
+    except (UserError, gen.UserError, T.TaskError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(a, defaults, cache_dests, argv):
+    if a.num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {a.num_samples}")
+    if a.seq_length < 2:
+        raise UserError(f"--seq_length must be >= 2, got {a.seq_length}")
+    if a.max_new_tokens is not None and a.max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens must be >= 0, got {a.max_new_tokens}")
+    if a.num_threads:
+        torch.set_num_threads(a.num_threads)
+    a.max_cache_length = list(a.max_cache_length)
+    tasks = make_tasks(a.tasks, parse_task_opts(a.task_opts))
+    gen_len = a.max_new_tokens if a.max_new_tokens is not None else max(t.max_new_tokens for t in tasks)
+    if any(t.kind == "generate" for t in tasks) and gen_len < 1:
+        raise UserError("generation tasks need --max_new_tokens >= 1")
+    device = gen.resolve_device(a.device)
+    dtype = gen.resolve_dtype(a.dtype, device)
+    weights = gen.resolve_checkpoint(a.checkpoint_path)
+    model_name = weights.parent.name
+    cfg_name = config_name(a, defaults, cache_dests)
+    cfg_dir = Path(a.out_dir) / model_name / cfg_name
+    if a.print_dir:
+        print(cfg_dir)
+        return
+    from tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(weights.parent)
+    encoder = T.PromptEncoder(tokenizer, not a.no_chat)
+
+    todo = []
+    for task in tasks:
+        d = cfg_dir / task_dir_name(task, a, gen_len)
+        if (d / "metrics.json").exists() and not a.overwrite:
+            m = json.loads((d / "metrics.json").read_text())
+            print(f"{task.name}: done ({d}); score {m['score']:.2f} (--overwrite recomputes)", file=sys.stderr)
+            continue
+        todo.append((task, d))
+    if not todo:
+        return
+
+    # Build every task's samples before loading the model: a missing dataset fails fast.
+    built = []
+    for task, d in todo:
+        samples = task.build(encoder, a.seq_length, a.num_samples, a.seed, a.data_dir)
+        for s in samples:
+            if "ids" not in s:
+                s["ids"] = encoder(s["input"], s.get("answer_prefix", ""))
+        longest = max(len(s["ids"]) for s in samples)
+        if longest > a.seq_length:
+            raise UserError(f"task {task.name}: a prompt of {longest} tokens exceeds --seq_length {a.seq_length}")
+        built.append((task, d, samples))
+
+    max_seq_length = a.seq_length + gen_len
+    model = gen.load_model(weights, device, dtype)
+    if max_seq_length > model.config.block_size:
+        raise UserError(f"--seq_length + max_new_tokens = {max_seq_length} exceeds the model's context "
+                        f"({model.config.block_size})")
+    for task, d, samples in built:
+        longest = max(len(s["ids"]) for s in samples)
+        if task.kind != "perplexity" and longest < 0.5 * a.seq_length:
+            print(f"note: {task.name}'s longest prompt is {longest} tokens but caches are sized for "
+                  f"{max_seq_length} (--seq_length {a.seq_length} + {gen_len}): a fractional --max_cache_length "
+                  "evicts little; lower --seq_length to compress these prompts", file=sys.stderr)
+    kvcache.setup(model, a, batch_size=1, prompt_len=a.seq_length, max_seq_length=max_seq_length)
+    rt = Runtime(a, model, tokenizer, device, max_seq_length)
+    judge_skipped = False
+    if a.llm_judge and not os.environ.get("OPENAI_API_KEY"):
+        print("note: --llm_judge skipped: OPENAI_API_KEY is not set", file=sys.stderr)
+        judge_skipped, a.llm_judge = True, False
+
+    with torch.no_grad():
+        evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, model_name, weights,
+                 max_seq_length, gen_len, argv, judge_skipped)
+
+
+def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, model_name, weights, max_seq_length,
+             gen_len, argv, judge_skipped):
+    run_started = time.perf_counter()
+    run_summary = []
+    base_args = {"argv": list(argv), "command": "python eval.py " + shlex.join(argv), "config": cfg_name,
+                 "model": model_name, "checkpoint": str(weights), "device": device,
+                 "dtype": str(dtype).split(".")[-1], "max_seq_length": max_seq_length, "max_new_tokens": gen_len,
+                 "git_commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "args": jsonable(vars(a))}
+    for task, d, samples in built:
+        d.mkdir(parents=True, exist_ok=True)
+        task_gen = min(task.max_new_tokens, gen_len)
+        fingerprint = hashlib.sha1(json.dumps([base_args["config"], a.seq_length, gen_len, a.seed, a.no_chat,
+                                               task.opts, [s["ids"] for s in samples]]).encode()).hexdigest()[:16]
+        (d / "args.json").write_text(json.dumps({**base_args, "task": task.name, "task_options": task.opts,
+                                                 "task_max_new_tokens": task_gen, "fingerprint": fingerprint},
+                                                indent=2) + "\n")
+        pred_path = d / "predictions.jsonl"
+        records = [] if a.overwrite else read_records(pred_path, fingerprint)
+        with open(pred_path, "w") as f:  # rewrite the kept prefix, then append
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        if records:
+            print(f"{task.name}: resuming after {len(records)} finished samples", file=sys.stderr)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        rt.warm_up(task.kind, samples[0]["ids"])
+        bar = None
+        if not a.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(samples), initial=len(records), desc=f"{cfg_name[:40]} {task.name}",
+                       file=sys.stderr, mininterval=5, dynamic_ncols=True)
+        for s in samples[len(records):]:
+            torch.manual_seed(a.seed * 1_000_003 + s["id"])  # random policies / sampling: per-sample seeds
+            if task.kind == "generate":
+                r = run_generate(rt, task, s, task_gen)
+            elif task.kind == "loglikelihood":
+                r = run_loglikelihood(rt, task, s)
+            else:
+                r = run_perplexity(rt, task, s)
+            r["cache"] = cache_summary(model)
+            rec = {"id": s["id"], "fingerprint": fingerprint, "prompt_tokens": len(s["ids"]), **r,
+                   "meta": s.get("meta", {})}
+            rec["cache"].pop("layer_kv_budget", None)
+            with open(pred_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            records.append(rec)
+            if bar:
+                bar.update(1)
+                bar.set_postfix_str(f"{task.primary}={sum(x['scores'][task.primary] for x in records) / len(records):.3g}")
+        if bar:
+            bar.close()
+        cs = kvcache.cache_stats(model)
+        info = {"kv_cache_bytes": cs["kv_cache_bytes"], "full_kv_cache_bytes_at_max_seq_length":
+                2 * len(model.caches) * model.caches[0].k.shape[1] * max_seq_length * model.caches[0].k.shape[3]
+                * model.caches[0].k.element_size(),
+                "layer_kv_budget": [x["kv_budget"] for x in cs["layers"]], "policies":
+                sorted({x["policy"] for x in cs["layers"]})}
+        extra = {"peak_memory_bytes": gen.peak_memory_bytes(device), "compile_s": rt.compile_s,
+                 "max_seq_length": max_seq_length, "device": device, "dtype": base_args["dtype"]}
+        m = aggregate(task, records, info, extra, judge_skipped)
+        m.update(config=cfg_name, model=model_name, seq_length=a.seq_length, max_new_tokens=task_gen,
+                 max_cache_length=a.max_cache_length, cache_strategy=a.cache_strategy)
+        (d / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
+        line = f"{task.name}: {task.primary} = {m['score']:.2f}"
+        if task.kind == "perplexity":
+            line += " (" + ", ".join(f"@{k}: {v:.2f}" for k, v in m["ppl_at"].items()) + ")"
+        st = m["stats"]
+        line += (f"; kept {100 * st['compression_ratio']:.1f}% of the KV cache, "
+                 f"{st['kv_cache_bytes'] / 2**20:.2f} MiB")
+        if "decode_tokens_per_s" in st:
+            line += f", {st['decode_tokens_per_s']:.1f} tok/s, TTFT {1000 * st['time_to_first_token_s']:.0f} ms"
+        print(line, file=sys.stderr)
+        run_summary.append({"task": task.name, "dir": d.name, "score": m["score"], "primary": task.primary,
+                            **{k: st.get(k) for k in ("decode_tokens_per_s", "time_to_first_token_s", "tokens_per_s",
+                                                      "compression_ratio", "kv_cache_bytes", "peak_memory_bytes")}})
+    with open(cfg_dir / "runs.jsonl", "a") as f:
+        f.write(json.dumps({"command": base_args["command"], "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "wall_s": time.perf_counter() - run_started, "compile_s": rt.compile_s,
+                            "device": device, "max_seq_length": max_seq_length,
+                            "peak_memory_bytes": gen.peak_memory_bytes(device), "tasks": run_summary}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

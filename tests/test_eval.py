@@ -1,0 +1,256 @@
+"""metrics.py on hand-computed cases; eval.py end to end on SmolLM2 (tiny lengths): files, skip/resume,
+caches set up once, log-likelihood and streaming perplexity checked against plain forward passes."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cache as kvcache
+import eval as ev
+import generate as gen
+import metrics as M
+import tasks as T
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures" / "datasets"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics, hand-computed
+# ---------------------------------------------------------------------------------------------------------------
+def test_string_match_all_and_part():
+    assert M.string_match_all("The numbers are 123 and 456.", ["123", "456"]) == 1.0
+    assert M.string_match_all("The numbers are 123.", ["123", "456", "789"]) == pytest.approx(1 / 3)
+    assert M.string_match_all("VAR abc, var DEF", ["ABC", "def"]) == 1.0  # case-insensitive
+    assert M.string_match_all("nothing here", ["x1"]) == 0.0
+    assert M.string_match_part("only 456", ["123", "456"]) == 1.0
+    assert M.string_match_part("none", ["123", "456"]) == 0.0
+
+
+def test_qa_f1_hand_computed():
+    # "the cat sat" -> [cat, sat]; "a cat sat down" -> [cat, sat, down]: overlap 2, P = 2/2, R = 2/3, F1 = 0.8
+    assert M.qa_f1("the cat sat", ["a cat sat down"]) == pytest.approx(0.8)
+    assert M.qa_f1("Paris.", ["paris"]) == 1.0  # punctuation and case are normalised
+    assert M.qa_f1("London", ["Paris", "london"]) == 1.0  # best over references
+    assert M.qa_f1("blue", ["red"]) == 0.0
+    # repeated tokens count with multiplicity: pred [x, x, y], ref [x, y, y] -> common {x:1, y:1} = 2 -> F1 2/3
+    assert M.qa_f1("x x y", ["x y y"]) == pytest.approx(2 / 3)
+
+
+def test_rouge_l_hand_computed():
+    assert M.lcs_length("a b c d e".split(), "a c e".split()) == 3
+    assert M.lcs_length("a b c".split(), "c b a".split()) == 1
+    # pred 5 tokens, ref 3 tokens, LCS 3: P = 3/5, R = 1, F1 = 2 * 0.6 / 1.6 = 0.75
+    assert M.rouge_l("a b c d e", ["a c e"]) == pytest.approx(0.75)
+    # "police killed the gunman" vs "police kill the gunman": LCS 3 (police, the, gunman) of 4 and 4 -> 0.75
+    assert M.rouge_l("police killed the gunman", ["police kill the gunman"]) == pytest.approx(0.75)
+    assert M.rouge_l("The Cat, sat!", ["the cat sat"]) == 1.0
+    assert M.rouge_l("", ["x"]) == 0.0
+
+
+def test_gsm8k_numeric_answer():
+    gold = "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 1,250"
+    assert M.gsm8k_gold(gold) == 1250
+    assert M.gsm8k_exact_match("So 1000 + 250 = 1250. The answer is 1,250.", [gold]) == 1.0
+    assert M.gsm8k_exact_match("The answer is $1250.00", [gold]) == 1.0
+    assert M.gsm8k_exact_match("First 12, then 1250, finally 7", [gold]) == 0.0  # last number wins: 7
+    assert M.gsm8k_exact_match("The answer is 1250. Check: 2 * 625 = 1250", [gold]) == 1.0
+    assert M.gsm8k_exact_match("no idea", [gold]) == 0.0
+    assert M.gsm8k_extract("#### -3") == -3
+
+
+def test_mc_accuracy():
+    # acc: argmax of sums (-1.0 is B); acc_norm divides by characters: A -1.2/6 = -0.2 beats B -1.0/2 = -0.5
+    r = M.mc_accuracy([-1.2, -1.0, -5.0], ["banana", "ab", "c"], gold=0)
+    assert r == {"accuracy": 0.0, "accuracy_norm": 1.0}
+
+
+def test_llm_judge_skipped_without_key(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert M.llm_judge("q", "a", ["a"]) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------------------------
+def _parse(argv):
+    p, cache_dests = ev.build_parser()
+    defaults = {a.dest: a.default for a in p._actions}
+    return kvcache.parse_args(p, argv), defaults, cache_dests
+
+
+def test_config_name_same_for_yaml_and_flags():
+    a1, d1, c1 = _parse(["--cache_config", "l2", "--max_cache_length", "0.25"])
+    a2, d2, c2 = _parse(["--cache_strategy", "l2", "--max_cache_length", "0.25"])
+    assert ev.config_name(a1, d1, c1) == ev.config_name(a2, d2, c2) == "l2__max_cache_length=0.25"
+    a3, d3, c3 = _parse(["--cache_strategy", "full"])
+    assert ev.config_name(a3, d3, c3) == "full"
+
+
+def test_task_opts_targeting():
+    ts = ev.make_tasks(["niah_single_2", "vt", "cwe"], {"cwe.icl": "False", "niah.max_new_tokens": "12",
+                                                        "num_cw": "5"})
+    niah, vt, cwe = ts
+    assert niah.max_new_tokens == 12 and vt.max_new_tokens == 30
+    assert vt.opts["icl"] is True and cwe.opts["icl"] is False and cwe.opts["num_cw"] == 5
+    with pytest.raises(ev.UserError, match="match no option"):
+        ev.make_tasks(["vt"], {"depth": "3"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval.py end to end (tiny)
+# ---------------------------------------------------------------------------------------------------------------
+BASE = ["--seq_length", "192", "--num_samples", "2", "--max_new_tokens", "3", "--no_progress", "--num_threads", "2"]
+
+
+def run_eval(tmp, *args, capsys=None):
+    ev.main(["--out_dir", str(tmp), *BASE, *args])
+    return capsys.readouterr().err if capsys else ""
+
+
+def test_eval_writes_results_and_skips(tmp_path, smol_dir, capsys, monkeypatch):
+    calls = {"setup": 0, "compile": 0}
+    real_setup, real_compile = kvcache.setup, gen.compile_fns
+
+    def count_setup(*a, **k):
+        calls["setup"] += 1
+        return real_setup(*a, **k)
+
+    def count_compile(*a, **k):
+        calls["compile"] += 1
+        return real_compile(*a, **k)
+
+    monkeypatch.setattr(kvcache, "setup", count_setup)
+    monkeypatch.setattr(gen, "compile_fns", count_compile)
+    args = ["--tasks", "niah_single_1", "vt", "--task_opts", "vt.icl=False", "--cache_strategy", "recent_global",
+            "--max_cache_length", "0.5"]
+    err = run_eval(tmp_path, *args, capsys=capsys)
+    assert calls == {"setup": 1, "compile": 1}  # once per run, not per task or sample
+    cfg = tmp_path / "SmolLM2-135M-Instruct" / "recent_global__max_cache_length=0.5"
+    d = cfg / "niah_single_1-len192-gen3-n2"
+    assert sorted(p.name for p in d.iterdir()) == ["args.json", "metrics.json", "predictions.jsonl"]
+    preds = [json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == [0, 1] and all(p["prompt_tokens"] <= 192 for p in preds)
+    assert all(p["stats"]["new_tokens"] <= 3 for p in preds)
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["primary"] == "string_match_all" and 0 <= m["score"] <= 100
+    st = m["stats"]
+    assert st["max_seq_length"] == 195 and st["layer_kv_budget"] == [98] * 30  # round(0.5 * 195), same for all
+    assert 0.4 < st["compression_ratio"] < 0.6 and st["kv_cache_bytes"] > 0 and st["peak_memory_bytes"] > 0
+    assert st["decode_tokens_per_s"] > 0 and st["time_to_first_token_s"] > 0
+    a = json.loads((d / "args.json").read_text())
+    assert a["argv"][:2] == ["--out_dir", str(tmp_path)] and a["max_seq_length"] == 195
+    assert a["args"]["cache_strategy"] == ["recent_global"] and a["command"].startswith("python eval.py")
+    assert (cfg / "vt-len192-gen3-n2-iclFalse" / "metrics.json").exists()
+    runs = [json.loads(x) for x in (cfg / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 1 and [t["task"] for t in runs[0]["tasks"]] == ["niah_single_1", "vt"]
+    assert "niah_single_1: string_match_all =" in err
+
+    # Re-running skips finished tasks (no model, no new run record)
+    mtime = (d / "metrics.json").stat().st_mtime_ns
+    err = run_eval(tmp_path, *args, capsys=capsys)
+    assert "niah_single_1: done" in err and "vt: done" in err
+    assert (d / "metrics.json").stat().st_mtime_ns == mtime and calls["setup"] == 1
+    assert len((cfg / "runs.jsonl").read_text().splitlines()) == 1
+
+    # An interrupted task resumes after its last finished sample
+    (d / "metrics.json").unlink()
+    (d / "predictions.jsonl").write_text((d / "predictions.jsonl").read_text().splitlines()[0] + "\n")
+    err = run_eval(tmp_path, *args, capsys=capsys)
+    assert "resuming after 1 finished samples" in err and "vt: done" in err
+    again = [json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in again] == [0, 1] and again[1]["prediction"] == preds[1]["prediction"]
+
+    # --overwrite recomputes
+    run_eval(tmp_path, *args, "--overwrite", capsys=capsys)
+    assert (d / "metrics.json").stat().st_mtime_ns != mtime
+
+
+def test_full_cache_loglikelihood_matches_forward(smol_model, smol_tokenizer):
+    """The prefill + decode-step log-likelihood equals one causal forward over prompt + choice (full cache)."""
+    p, dests = ev.build_parser()
+    a = kvcache.parse_args(p, ["--cache_strategy", "full"])
+    model = smol_model
+    prompt = smol_tokenizer.encode("Question: What colour is the sky on a clear day?\nAnswer:")
+    cont = smol_tokenizer.encode(" It is blue.", bos=False)
+    n = len(prompt) + len(cont)
+    kvcache.setup(model, a, batch_size=1, prompt_len=len(prompt), max_seq_length=n)
+    rt = ev.Runtime(a, model, smol_tokenizer, "cpu", n)
+    with torch.no_grad():
+        logits = rt.prompt_logits(prompt)
+        lp = float(torch.log_softmax(logits[0], -1)[cont[0]])
+        for j in range(1, len(cont)):
+            logits = rt.step(cont[j - 1], len(prompt) + j - 1)
+            lp += float(torch.log_softmax(logits[0], -1)[cont[j]])
+        for c in model.caches:
+            c.reset()
+        full = model(torch.tensor([prompt + cont]), torch.arange(n), prefill=True)[0]
+        ref = sum(float(torch.log_softmax(full[len(prompt) - 1 + j], -1)[t]) for j, t in enumerate(cont))
+    assert lp == pytest.approx(ref, abs=2e-3)
+
+
+@pytest.mark.parametrize("runner", ["perplexity.py", "eval.py"])
+def test_streaming_ppl_full_matches_forward(tmp_path, smol_model, smol_tokenizer, capsys, monkeypatch, runner):
+    """Token-by-token perplexity with the full cache equals the teacher-forced perplexity of one forward, through
+    perplexity.py's streaming_nll when it is there and through eval.py's own loop otherwise."""
+    if runner == "perplexity.py" and ev._perplexity_module() is None:
+        pytest.skip("perplexity.py is not there")
+    if runner == "eval.py":
+        monkeypatch.setattr(ev, "_perplexity_module", lambda: None)
+    run_eval(tmp_path, "--tasks", "ppl", "--seq_length", "48", "--num_samples", "1", "--cache_strategy", "full",
+             "--task_opts", "text=stdlib", "checkpoints=16,32", capsys=capsys)
+    m = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    ids = T.get_task("ppl", text="stdlib").build(T.PromptEncoder(smol_tokenizer, True), 48, 1, 0)[0]["ids"]
+    p, _ = ev.build_parser()
+    kvcache.setup(smol_model, kvcache.parse_args(p, ["--cache_strategy", "full"]), 1, 48, 48)
+    with torch.no_grad():
+        logits = smol_model(torch.tensor([ids]), torch.arange(48), prefill=True)[0]
+    nll = [-float(torch.log_softmax(logits[i], -1)[ids[i + 1]]) for i in range(47)]
+    assert m["metrics"]["ppl"] == pytest.approx(math.exp(sum(nll) / 47), rel=2e-3)
+    assert m["ppl_at"]["16"] == pytest.approx(math.exp(sum(nll[:16]) / 16), rel=2e-3)
+    assert list(m["ppl_at"]) == ["16", "32", "47"] and m["higher_is_better"] is False
+    pred = json.loads(next(tmp_path.rglob("predictions.jsonl")).read_text().splitlines()[0])
+    assert pred["runner"] == ("perplexity.streaming_nll" if runner == "perplexity.py" else "eval.run_perplexity")
+
+
+def test_multiple_choice_and_longbench_from_fixtures(tmp_path, smol_dir, capsys):
+    run_eval(tmp_path, "--tasks", "gsm8k_mc", "hotpotqa", "--data_dir", str(FIXTURES), "--seq_length", "192",
+             "--cache_strategy", "l2", "--max_cache_length", "0.5", capsys=capsys)
+    cfg = tmp_path / "SmolLM2-135M-Instruct" / "l2__max_cache_length=0.5"
+    mc = json.loads((cfg / "gsm8k_mc-len192-gen3-n2" / "metrics.json").read_text())
+    assert set(mc["metrics"]) == {"accuracy", "accuracy_norm"} and mc["kind"] == "loglikelihood"
+    preds = [json.loads(x) for x in (cfg / "gsm8k_mc-len192-gen3-n2" / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(p["logprobs"]) == 4 and p["prediction"] in "ABCD" for p in preds)
+    lb = json.loads((cfg / "hotpotqa-len192-gen3-n2" / "metrics.json").read_text())
+    assert set(lb["metrics"]) == {"qa_f1", "rouge_l"} and lb["primary"] == "qa_f1"
+
+
+def _cli(*args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "KVCOMPILE_DATA_DIR"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_missing_dataset_is_one_line_error(tmp_path):
+    r = _cli("--tasks", "gsm8k", "--out_dir", str(tmp_path), "--seq_length", "256")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: task gsm8k") and "--data_dir" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_input_is_one_line_error(tmp_path, capsys):
+    for args in (["--tasks", "vt", "--task_opts", "depth"], ["--num_samples", "0"]):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--out_dir", str(tmp_path), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    for args in (["--tasks", "nope"], ["--tasks", "vt", "--seq_length", "64"]):
+        r = _cli(*args, "--out_dir", str(tmp_path))
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, args
