@@ -1,0 +1,1 @@
+"""Test package (a regular package, so site-packages modules named tests cannot shadow it)."""
