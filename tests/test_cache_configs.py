@@ -10,10 +10,7 @@ import pytest
 import yaml
 
 import cache as kvcache
-try:  # tests/ is on sys.path under pytest's default import mode (no tests/__init__.py) ...
-    from test_generate_cli import PROMPT, cli_json, memoised_smol  # noqa: F401 (memoised_smol: autouse fixture)
-except ImportError:  # ... and a package otherwise
-    from tests.test_generate_cli import PROMPT, cli_json, memoised_smol  # noqa: F401
+from tests.test_generate_cli import PROMPT, cli_json, memoised_smol  # noqa: F401 (memoised_smol: autouse fixture)
 
 CONFIGS = sorted(kvcache.CONFIG_DIR.glob("*.yaml"))
 N_NEW = 8

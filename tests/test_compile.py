@@ -17,10 +17,7 @@ from torch._dynamo.utils import counters
 import cache as kvcache
 import generate
 from model import ModelArgs, random_model
-try:  # tests/ is on sys.path under pytest's default import mode (no tests/__init__.py) ...
-    from test_generate_cli import PROMPT, cli_json, memoised_smol  # noqa: F401 (memoised_smol: autouse fixture)
-except ImportError:  # ... and a package otherwise
-    from tests.test_generate_cli import PROMPT, cli_json, memoised_smol  # noqa: F401
+from tests.test_generate_cli import PROMPT, cli_json, memoised_smol  # noqa: F401 (memoised_smol: autouse fixture)
 
 
 # ---------------------------------------------------------------------------------------------------------------
