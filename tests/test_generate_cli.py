@@ -269,3 +269,14 @@ def test_cache_config_with_unknown_keys(capsys, tmp_path):
     y.write_text("cache_strategy: [l2]\nmax_cache_lenght: [0.5]\n")
     line = cli_error(capsys, "--prompt", "hi", "--cache_config", y)
     assert "max_cache_lenght" in line
+
+
+@pytest.mark.parametrize("body", [
+    "cache_strategy: [l2\nmax_cache_length: [0.5]\n",  # not YAML (unclosed list)
+    "- l2\n- full\n",  # YAML, but not a mapping of flags
+    "cache_strategy: [recent_global]\nglobal_tokens: [1, 2]\n",  # a list where an int belongs
+], ids=["not_yaml", "not_a_mapping", "wrong_type"])
+def test_malformed_cache_config(capsys, tmp_path, body):
+    y = tmp_path / "bad.yaml"
+    y.write_text(body)
+    assert str(y) in cli_error(capsys, "--prompt", "hi", "--max_new_tokens", 1, "--cache_config", y)
