@@ -253,6 +253,15 @@ class Runtime:
         return logits
 
 
+def install_token_classes(model, tokenizer):
+    """FastGen (hybrid) needs the tokenizer's special and punctuation tokens; a no-op for other policies."""
+    try:
+        from hybrid import set_token_classes
+    except ImportError:
+        return
+    set_token_classes(model, tokenizer)
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -466,6 +475,7 @@ def run(a, defaults, cache_dests, argv):
                   f"{max_seq_length} (--seq_length {a.seq_length} + {gen_len}): a fractional --max_cache_length "
                   "evicts little; lower --seq_length to compress these prompts", file=sys.stderr)
     kvcache.setup(model, a, batch_size=1, prompt_len=a.seq_length, max_seq_length=max_seq_length)
+    install_token_classes(model, tokenizer)
     rt = Runtime(a, model, tokenizer, device, max_seq_length)
     judge_skipped = False
     if a.llm_judge and not os.environ.get("OPENAI_API_KEY"):

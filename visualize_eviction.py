@@ -24,6 +24,15 @@ import generate as gen
 import tasks as T
 
 
+def install_token_classes(model, tokenizer):
+    """FastGen (hybrid) needs the tokenizer's special and punctuation tokens; a no-op for other policies."""
+    try:
+        from hybrid import set_token_classes
+    except ImportError:
+        return
+    set_token_classes(model, tokenizer)
+
+
 def kept_matrix(model, seen: int, per_head: bool):
     """[rows, seen] bool: rows = layers (or layers x KV heads)."""
     rows, labels = [], []
@@ -147,6 +156,7 @@ def run(a):
         raise gen.UserError(f"prompt + max_new_tokens = {max_seq_length} exceeds the model's context")
     torch.manual_seed(a.seed)
     kvcache.setup(model, a, batch_size=1, prompt_len=len(ids), max_seq_length=max_seq_length)
+    install_token_classes(model, tokenizer)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_ids)
     tokens, _ = gen.generate(model, ids, a.max_new_tokens, eos_ids=eos, feed_long_prompts=a.feed_long_prompts)
     seen = int(model.caches[0].seen)

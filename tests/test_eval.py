@@ -254,3 +254,16 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     for args in (["--tasks", "nope"], ["--tasks", "vt", "--seq_length", "64"]):
         r = _cli(*args, "--out_dir", str(tmp_path))
         assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, args
+
+
+def test_hybrid_gets_token_classes(smol_model, smol_tokenizer):
+    """FastGen's special/punctuation tables are installed after the caches are set up (no-op for others)."""
+    pytest.importorskip("hybrid")
+    p, _ = ev.build_parser()
+    kvcache.setup(smol_model, kvcache.parse_args(p, ["--cache_strategy", "hybrid", "--max_cache_length", "0.5"]),
+                  1, 64, 64)
+    ev.install_token_classes(smol_model, smol_tokenizer)
+    c = smol_model.caches[0]
+    assert c.punct_ids.numel() == smol_model.config.vocab_size and bool(c.punct_ids[smol_tokenizer.encode(".")[0]])
+    kvcache.setup(smol_model, kvcache.parse_args(p, ["--cache_strategy", "l2"]), 1, 64, 64)
+    ev.install_token_classes(smol_model, smol_tokenizer)  # nothing to do
