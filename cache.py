@@ -72,7 +72,8 @@ class KVCache(nn.Module):
         if debug_attention_loss:  # a shadow full cache of keys, to measure the attention mass eviction loses
             self.register_buffer("shadow_k", torch.zeros(batch_size, n_kv_heads, self.max_seq_length, head_dim,
                                                          dtype=dtype), persistent=False)
-            self.register_buffer("lost_mass", torch.zeros((), dtype=torch.float64), persistent=False)
+            # shape (1,): a compiled in-place add into a 0-dim float64 buffer was silently dropped (torch 2.13)
+            self.register_buffer("lost_mass", torch.zeros(1, dtype=torch.float64), persistent=False)
             self.register_buffer("lost_steps", torch.zeros((), dtype=torch.long), persistent=False)
 
     def policy_buffers(self):
@@ -673,11 +674,26 @@ def parse_args(parser, argv=None):
         if not path.exists():
             known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
             raise ValueError(f"unknown --cache_config {pre.cache_config!r}; shipped configs: {known}")
-        values = yaml.safe_load(path.read_text()) or {}
-        dests = {a.dest for a in parser._actions}
-        bad = sorted(set(values) - dests)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must be a mapping of option: value")
+        actions = {a.dest: a for a in parser._actions}
+        bad = sorted(set(values) - set(actions))
         if bad:
             raise ValueError(f"{path}: unknown keys {bad}")
+        for key, value in values.items():  # the same type checks as on the command line
+            typ = actions[key].type
+            if typ is None or value is None:
+                continue
+            try:
+                values[key] = [typ(x) for x in value] if isinstance(value, list) else typ(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: {key}: {value!r} is not a valid {typ.__name__}")
+            if isinstance(value, list) and actions[key].nargs is None:
+                raise ValueError(f"{path}: {key} takes one value, got a list")
         for key in ("cache_strategy", "max_cache_length"):
             if key in values and not isinstance(values[key], list):
                 values[key] = [values[key]]
@@ -797,8 +813,14 @@ def cache_stats(model) -> dict:
         "full_kv_cache_bytes": 2 * len(caches) * b * h * seen * d * elem,
         "layers": layers,
     }
-    if any(c.debug_attention_loss for c in caches):
-        stats["attention_loss"] = sum(x["attention_loss"] for x in layers) / len(layers)
+    losses = [x["attention_loss"] for x in layers if "attention_loss" in x]
+    if losses:
+        stats["attention_loss"] = sum(losses) / len(losses)
     return stats
-from hybrid import HybridCache; POLICIES["hybrid"] = HybridCache  # noqa: E402
-from merge_pyramid import MergePyramidCache; POLICIES["merge_pyramid"] = MergePyramidCache  # noqa: E402
+
+
+# The seed policies live in their own modules and register themselves in POLICIES at their end (a plain
+# import tolerates the cycle when one of them is imported first).
+import lacache  # noqa: E402,F401
+import merge_pyramid  # noqa: E402,F401
+import hybrid  # noqa: E402,F401

@@ -59,7 +59,7 @@ if "cache" not in sys.modules:  # imported before cache.py, whose last line impo
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from cache import KVCache, prompt_attention_columns  # noqa: E402
+from cache import POLICIES, KVCache, prompt_attention_columns  # noqa: E402
 
 HYBRID_POLICIES = ["special", "special_punct", "special_punct_local", "special_punct_local_frequent", "full"]
 SPECIAL, PUNCT = 1, 2  # class bits of a token
@@ -352,3 +352,6 @@ def set_token_classes(model, tokenizer) -> int:
     for c in caches:
         c.set_token_tables(special, punct)
     return len(caches)
+
+
+POLICIES["hybrid"] = HybridCache

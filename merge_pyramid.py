@@ -38,16 +38,10 @@ C_k = min(max_seq_length, max(T + 1, sinks + 2 W_k + 2)), where T comes from bui
 `sized_budget`); when the prompt length is not known (prompt_len 0) the buffer is max_seq_length. Each layer
 reports its C_k as kv_budget.
 """
-import sys
-
-if "cache" not in sys.modules:  # imported before cache.py, whose last line imports this module to register it:
-    del sys.modules[__name__]  # let that import build (and register) the one complete copy, which the importer
-    import cache  # noqa: E402,F401  then receives from sys.modules; this half-run copy is discarded.
-
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from cache import KVCache  # noqa: E402
+from cache import POLICIES, KVCache
 
 POOLING_TYPES = ("mean", "max", "best")
 
@@ -297,3 +291,4 @@ class MergePyramidCache(KVCache):
         return [tuple(range(a, b + 1)) for a, b in self.span[:, :n].t().tolist()]
 
 
+POLICIES["merge_pyramid"] = MergePyramidCache
