@@ -455,12 +455,19 @@ def run(a, defaults, cache_dests, argv):
     built = []
     for task, d in todo:
         samples = task.build(encoder, a.seq_length, a.num_samples, a.seed, a.data_dir)
+        if not samples:
+            raise UserError(f"task {task.name}: no samples")
         for s in samples:
             if "ids" not in s:
                 s["ids"] = encoder(s["input"], s.get("answer_prefix", ""))
         longest = max(len(s["ids"]) for s in samples)
         if longest > a.seq_length:
             raise UserError(f"task {task.name}: a prompt of {longest} tokens exceeds --seq_length {a.seq_length}")
+        if task.kind == "loglikelihood":  # each choice's tokens follow the prompt in the cache
+            need = max(len(s["ids"]) + len(encoder.continuation(c)) for s in samples for c in s["choices"])
+            if need > a.seq_length + gen_len:
+                raise UserError(f"task {task.name}: prompt + choice reach {need} tokens, more than --seq_length "
+                                f"{a.seq_length} + --max_new_tokens {gen_len}; raise --max_new_tokens")
         built.append((task, d, samples))
 
     max_seq_length = a.seq_length + gen_len

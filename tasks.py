@@ -678,7 +678,7 @@ MC_INSTRUCTION = ("Choose an answer from the choices given. IMPORTANT: Provide o
 
 class MultipleChoice(DatasetTask):
     kind = "loglikelihood"
-    max_new_tokens = 0
+    max_new_tokens = 8  # nothing is generated: the cache positions reserved for each choice's tokens
     metrics = ("accuracy", "accuracy_norm")
     primary = "accuracy"
     options = {"target": "letter"}  # score the letters (the seeds' prompts ask for one) or the choices' text
