@@ -33,7 +33,7 @@ the cache one gets by feeding the prompt token by token (torch.compiler.disable:
 generate.py's --compile_prefill, which is not fullgraph).  The schedule covers max_seq_length tokens: a
 cache built without max_seq_length (or with one <= its budget) never ladders.
 
-Import `cache` before `lacache` (cache.py registers LaCache at its end and lacache imports cache).
+The module registers LaCache in cache.POLICIES at its end (cache.py imports it after defining POLICIES).
 """
 import functools
 

@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-import cache as kvcache  # before lacache: cache.py registers LaCache at its end
+import cache as kvcache
 import generate
 import model
 from lacache import LaCache, ladder_params, ladder_schedule, ladder_shape
@@ -170,7 +170,7 @@ def test_invariants(L, S, O, C, S0):
     layers = make_layers(L, S, O, C, S0)
     for n, got, masks in stream(layers, 3, 120, seed=S0):
         assert len({len(p) for p in got}) == 1
-        for c, p, in zip(layers, got):
+        for c, p in zip(layers, got):
             assert len(p) <= c.kv_budget
             assert p[:min(S0, n)] == list(range(min(S0, n)))
             assert p[-1] == n - 1
@@ -307,7 +307,7 @@ def build(*flags, n_layers=TL, max_seq_length=100):
     (["--max_cache_length", "6"], "the ladder needs at least --start_size (2) + n_layers (4) + 1"),
 ])
 def test_bad_configuration_is_one_clear_error(flags, message):
-    with pytest.raises(ValueError, match=None) as e:
+    with pytest.raises(ValueError) as e:
         build(*flags)
     text = str(e.value)
     assert message in text and "\n" not in text
