@@ -21,7 +21,10 @@ Matmul kernels:
   int8  F.linear(x, weight.to(x.dtype)) * scales (gpt-fast; under torch.compile the cast fuses into the GEMV).
   int4  CUDA: aten._weight_int4pack_mm (tinygemm, bf16 activations) on aten._convert_weight_to_int4pack's layout;
         CPU: aten._weight_int4pack_mm_for_cpu on aten._convert_weight_to_int4pack_for_cpu's layout (present in
-        torch 2.13 CPU; fp32, bf16 and fp16 activations);
+        torch 2.13 CPU; fp32, bf16 and fp16 activations), wrapped in a custom op for torch.compile (see int4_mm_cpu),
+        for up to CPU_KERNEL_MAX_ROWS rows (decode); longer inputs (prefill) dequantize and matmul. On the AVX2
+        machine this was written on, the kernel is slower than fp32 weights (see BENCHMARK.md): it exists for
+        correctness and for CPUs with better kernels, the int4 speed target is a CUDA one;
         elsewhere, or when a kernel is missing or fails the load-time probe: a plain unpack + dequantize + F.linear.
   At load, each (device, group size, inner k tiles) combination is probed once against the plain dequantized
   matmul on random data, so a layout mismatch (e.g. a torch version whose packing convention differs) falls back
@@ -39,6 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 GROUP_SIZES = (32, 64, 128, 256)
+# aten._weight_int4pack_mm_for_cpu is a GEMV-style kernel: on an AVX2 CPU (torch 2.13, 1 thread) a 1536 x 576 layer
+# takes 2.9 ms for 1 row but 180 ms for 60 rows, against 17 ms to dequantize and matmul; prefill takes that path.
+CPU_KERNEL_MAX_ROWS = 8
 META_KEY = "__quantization__"
 _PROBED = {}  # (device, groupsize, inner_k_tiles, kernel) -> (ok, detail)
 
@@ -156,6 +162,8 @@ class Int4Linear(nn.Module):
         if not ok:
             warnings.warn(f"int4 {kind} kernel unusable ({detail}); using the plain unpack+matmul path")
             return
+        if kind == "cpu":  # kept for prefill (see forward); a plain attribute: not a buffer, not counted as read
+            self.prefill_nibbles = self.weight
         self.weight = convert_to_int4pack(self.weight, ikt, kind)
         self.layout = kind
         self.kernel = f"int4 aten._weight_int4pack_mm{'_for_cpu' if kind == 'cpu' else ''} (inner_k_tiles {ikt})"
@@ -168,11 +176,11 @@ class Int4Linear(nn.Module):
         if self.layout == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.groupsize,
                                                    self.scales_and_zeros.to(torch.bfloat16)).to(x.dtype)
-        elif self.layout == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.groupsize,
-                                                           self.scales_and_zeros.to(x.dtype))
+        elif self.layout == "cpu" and x2.shape[0] <= CPU_KERNEL_MAX_ROWS:
+            y = int4_mm_cpu(x2.contiguous(), self.weight, self.groupsize, self.scales_and_zeros.to(x.dtype))
         else:
-            w = dequantize_int4(unpack_nibbles(self.weight), self.scales_and_zeros, self.groupsize)
+            nibbles = self.prefill_nibbles if self.layout == "cpu" else self.weight
+            w = dequantize_int4(unpack_nibbles(nibbles), self.scales_and_zeros, self.groupsize)
             y = F.linear(x2, w.to(x.dtype))
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -180,6 +188,19 @@ class Int4Linear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, groupsize={self.groupsize}, "
                 f"layout={self.layout}")
+
+
+@torch.library.custom_op("kvcompile::int4_mm_cpu", mutates_args=())
+def int4_mm_cpu(x: Tensor, packed: Tensor, groupsize: int, scales_and_zeros: Tensor) -> Tensor:
+    """aten._weight_int4pack_mm_for_cpu behind an opaque custom op: Inductor (torch 2.13) fails to lower the aten op
+    when its input is a fused pointwise result (LoweringException in unwrap_storage_for_input), so under
+    torch.compile the kernel is called as an extern kernel, its neighbours still fused around it."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, groupsize, scales_and_zeros)
+
+
+@int4_mm_cpu.register_fake
+def _(x, packed, groupsize, scales_and_zeros):
+    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 def inner_k_tiles(kp: int):

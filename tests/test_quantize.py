@@ -14,7 +14,7 @@ difference and a few positions on the agreement:
                                           vs fp32: max|diff|  top-1     vs bf16: max|diff|  top-1
     bf16 (unquantized)                             0.72       0.970              -           -
     int8, fp32 activations                         1.57       0.985              1.68        0.985
-    int8, bf16 activations                         2.23       0.985              2.03        0.985
+    int8, bf16 activations (not asserted)          2.23       0.985              2.03        0.985
     int4 g32, fp32 activations                     4.78       0.939              4.78        0.939
     int4 g128, fp32 activations (not asserted)    20.07       0.727             20.30        0.742
 Why these sizes: SmolLM2's GGUF source is itself Q4_1 (4-bit, groups of 32, dequantized to fp32 by the
@@ -23,7 +23,8 @@ twice the bf16 drift. int4 g32 lands on the same groups as the Q4_1 grid, so it 
 (the loss is bf16 scale/zero rounding); g64..g256 merge Q4_1 groups with different grids and lose much more (g128:
 0.73 agreement; quantizing only the head costs 6.5 logits but no agreement, the body is what breaks). So on this
 checkpoint use int4.g32; a native bf16 model (Llama-3-8B) is the usual g128 case and is not measurable here.
-The int4 CPU kernel is slow on this AVX2-only machine (prefill of 60 tokens: ~1 min), so one int4 file is tested.
+bf16 forwards are slow on this AVX2-only CPU and int4 costs one more quantization, so the suite asserts the rows
+marked above and one int4 file (g32, the right one here); the others were measured once with the same code.
 """
 import shutil
 
@@ -106,7 +107,6 @@ def test_bf16_baseline(references):
 
 @pytest.mark.parametrize("fmt,act,bounds", [
     ("int8", F32, {F32: (3.0, 0.95), BF16: (3.0, 0.95)}),
-    ("int8", BF16, {F32: (4.0, 0.95), BF16: (4.0, 0.95)}),
     ("int4.g32", F32, {F32: (8.0, 0.88), BF16: (8.0, 0.88)}),
 ])
 def test_quantized_file_logits(qdir, sequences, references, fmt, act, bounds):
@@ -141,7 +141,7 @@ def test_kernels_and_fallback_agree():
     """CPU int4 kernel (aten._weight_int4pack_mm_for_cpu) == the plain unpack+matmul path == the dequantized math."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(576, 96, bias=True)
-    x = torch.randn(5, 576)
+    x = torch.randn(5 + quantize.CPU_KERNEL_MAX_ROWS, 576)
     for g in quantize.GROUP_SIZES:
         kernel = quantize.quantize_linear(lin, {"mode": "int4", "groupsize": g})
         plain = quantize.quantize_linear(lin, {"mode": "int4", "groupsize": g})
@@ -151,7 +151,8 @@ def test_kernels_and_fallback_agree():
         w = quantize.dequantize_int4(codes, sz, g)[:, :576]
         ref = x @ w.t() + lin.bias.detach()
         with torch.no_grad():
-            assert (kernel(x) - ref).abs().max() < 1e-4, g
+            assert (kernel(x[:5]) - ref[:5]).abs().max() < 1e-4, g  # decode-sized: the int4pack kernel
+            assert (kernel(x) - ref).abs().max() < 1e-4, g  # prefill-sized: dequantize + matmul
             assert (plain(x) - ref).abs().max() < 1e-4, g
             # the quantization itself: within half a step of the weights, plus the bf16 rounding of the zero
             step = sz[..., 0].float().t().repeat_interleave(g, dim=1)[:, :576]
@@ -188,15 +189,16 @@ def test_bad_inputs(qdir, tmp_path):
         load_model(tmp_path / "model_int4.g64.pth", "cpu", F32)
 
 
-def test_cli(qdir):
+def test_cli(qdir, capsys):
     from tests.conftest import run_cli
 
     r = run_cli("quantize.py", "--mode", "int4", "--groupsize", "48", "--checkpoint_path", qdir / "model.pth")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "group size" in r.stderr
-    r = run_cli("quantize.py", "--mode", "int8", "--checkpoint_path", qdir / "model_int8.pth")
-    assert r.returncode == 2 and "already quantized" in r.stderr and r.stderr.strip().count("\n") == 0
-    r = run_cli("quantize.py", "--mode", "int8", "--checkpoint_path", qdir / "missing" / "model.pth")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    for path, needle in ((qdir / "model_int8.pth", "already quantized"), (qdir / "missing" / "model.pth", "not found")):
+        with pytest.raises(SystemExit) as e:
+            quantize.main(["--mode", "int8", "--checkpoint_path", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and needle in err, err
 
 
 def test_zz_report():
