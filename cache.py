@@ -27,7 +27,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "cache_configs"
 class KVCache(nn.Module):
     hyperparams = {}  # name -> (type, default, help): become --flags and constructor arguments
     needs_attention = False  # True: the model passes each decode step's attention to record_attention
-    needs_tokens = False  # True: the model calls set_tokens(idx) before each forward
+    needs_tokens = False  # True: the model calls set_tokens(idx, prefill) before each forward
     default_prompt_compressor = "recent_global"
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype, *,
@@ -228,8 +228,11 @@ class KVCache(nn.Module):
     def record_attention(self, probs: Tensor):
         """probs [B, Hkv, G, 1, C]: this step's attention (policies with needs_attention)."""
 
-    def set_tokens(self, idx: Tensor):
+    def set_tokens(self, idx: Tensor, prefill: bool):
         """idx [B, T]: the token ids of this forward (policies with needs_tokens)."""
+
+    def select_token(self, t: int):
+        """A multi-token decode step is about to insert its t-th token (policies with needs_tokens)."""
 
     def measure_lost_attention(self, input_pos: Tensor, q: Tensor):
         """Attention mass that full attention would put on tokens this cache no longer holds."""

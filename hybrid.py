@@ -42,7 +42,7 @@ does not apply to hybrid.)
 
 Token classes. The cache holds two boolean tables over the vocabulary, `special_ids` and `punct_ids`
 (constructor arguments, or installed by `set_token_classes(model, tokenizer)`); without tables no token is
-special or punctuation. The model calls `set_tokens(idx)` before each forward; each slot stores its token's
+special or punctuation. The model calls `set_tokens(idx, prefill)` before each forward; each slot stores its token's
 class bits (1 = special, 2 = punctuation). The tables are shared by the layers and are not counted in
 nbytes(); the per-slot state (class byte, frequent flag, attention sum and count) is.
 
@@ -103,6 +103,7 @@ class HybridCache(KVCache):
         self.register_buffer("attn_cnt", torch.zeros(B, H, C), persistent=False)
         self.register_buffer("cur_cls", torch.zeros(B, dtype=torch.uint8), persistent=False)
         self._prompt_cls = None  # [B, T] classes of the last multi-token forward (the prompt)
+        self._step_cls = None  # [B, T] classes of a multi-token decode step (speculative verification)
         self._profile = None
 
     def policy_buffers(self):
@@ -137,11 +138,16 @@ class HybridCache(KVCache):
                 cls = cls | (hit.to(torch.uint8) * bit)
         return cls
 
-    def set_tokens(self, idx: Tensor):
+    def set_tokens(self, idx: Tensor, prefill: bool):
         cls = self.token_classes(idx)
         self.cur_cls.copy_(cls[:, -1])
-        if idx.shape[1] > 1:  # the prompt (decode steps are one token)
+        if prefill:
             self._prompt_cls = cls
+        else:  # a multi-token decode step picks each token's class in turn (select_token)
+            self._step_cls = cls
+
+    def select_token(self, t: int):
+        self.cur_cls.copy_(self._step_cls[:, t])
 
     # -- membership ----------------------------------------------------------------------------------------
     def member(self, pos: Tensor, cls: Tensor, frequent: Tensor, t) -> Tensor:

@@ -200,10 +200,19 @@ class Attention(nn.Module):
                                                enable_gqa=self.n_head != self.n_local_heads)
             cache.prefill(input_pos, k_store, v, q_rot)
         else:
-            q_att, k_all, v_all, mask = cache.update(input_pos, k_store, v, q if cache.rotates_keys else q_rot)
-            y, probs = cache.attend(q_att, k_all, v_all, mask)
-            if probs is not None:
-                cache.record_attention(probs)
+            # T > 1 (speculative verification) inserts and attends token by token: the cache passes through the
+            # same states as in T single steps, while the linears above and below still run once over T tokens.
+            q_in, ys = q if cache.rotates_keys else q_rot, []
+            for t in range(T):
+                if cache.needs_tokens:
+                    cache.select_token(t)
+                q_att, k_all, v_all, mask = cache.update(input_pos[..., t:t + 1], k_store[:, :, t:t + 1],
+                                                         v[:, :, t:t + 1], q_in[:, :, t:t + 1])
+                y_t, probs = cache.attend(q_att, k_all, v_all, mask)
+                if probs is not None:
+                    cache.record_attention(probs)
+                ys.append(y_t)
+            y = ys[0] if T == 1 else torch.cat(ys, dim=2)
         y = y.transpose(1, 2).reshape(B, T, q_size)
         return self.wo(y)
 
@@ -258,11 +267,14 @@ class Transformer(nn.Module):
             layer.attention.kv_cache.rope_cos, layer.attention.kv_cache.rope_sin = cos, sin
 
     def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False) -> Tensor:
-        """idx [B, T] token ids at positions input_pos [T]; returns logits [B, T, vocab] in fp32."""
+        """idx [B, T] token ids at positions input_pos: [T] shared by the batch, or [B, T] per sequence (batched
+        decoding of prompts of different lengths). Returns logits [B, T, vocab] in fp32."""
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        if input_pos.dim() == 2:  # [B, T, D] -> [B, 1, T, D]: broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for cache in self.caches:
             if cache.needs_tokens:  # policies that look at token identities (FastGen's special/punctuation)
-                cache.set_tokens(idx)
+                cache.set_tokens(idx, prefill)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, prefill)

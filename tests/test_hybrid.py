@@ -43,12 +43,12 @@ def drive(c, q, k, v, ids, prompt_len, n_steps):
     Q, K, V = as_tensor(q), as_tensor(k), as_tensor(v)
     kept, visible = [], []
     with torch.no_grad():
-        c.set_tokens(torch.tensor([ids[:prompt_len]]))
+        c.set_tokens(torch.tensor([ids[:prompt_len]]), True)
         c.prefill(torch.arange(prompt_len), K[:, :, :prompt_len], V[:, :, :prompt_len], Q[:, :, :prompt_len])
         kept.append(kept_positions(c))
         for t in range(prompt_len, prompt_len + n_steps):
             sl = slice(t, t + 1)
-            c.set_tokens(torch.tensor([[ids[t]]]))
+            c.set_tokens(torch.tensor([[ids[t]]]), False)
             qq, kk, vv, mask = c.update(torch.tensor([t]), K[:, :, sl], V[:, :, sl], Q[:, :, sl])
             _, probs = attention(qq, kk, vv, mask, need_probs=True)
             c.record_attention(probs)
