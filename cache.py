@@ -123,7 +123,7 @@ class KVCache(nn.Module):
         if name == "recent_global":
             score, recent = positions.float(), C - G
         elif name == "random":
-            score = torch.rand(B, 1, T, device=k.device).expand(B, Hkv, T)
+            score = hash_uniform(positions, 0, self.layer_idx)  # the same draw alone or batched
         elif name == "l2":
             score = -k.float().norm(dim=-1)  # keep the low-norm keys
         elif name == "keep_it_odd":
@@ -148,7 +148,7 @@ class KVCache(nn.Module):
         Returns q, k, v, mask for attention (q and k rotated by rank in position_mode "cache")."""
         slot = self.choose_slot(input_pos, k, q)  # [B, Hkv]
         self.write_slots(slot[:, :, None], k, v)
-        self.pos.scatter_(2, slot[:, :, None], input_pos.view(1, 1, 1).expand(slot.shape[0], slot.shape[1], 1))
+        self.pos.scatter_(2, slot[:, :, None], input_pos.view(-1, 1, 1).expand(slot.shape[0], slot.shape[1], 1))
         self.seen.add_(1)
         self.after_insert(slot, input_pos, k, q)
         if self.debug_attention_loss:
@@ -160,6 +160,14 @@ class KVCache(nn.Module):
         if self.rotates_keys:
             return (*self.rotate_by_rank(q, self.k), self.v, mask)
         return q, self.k, self.v, mask
+
+    def decode(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
+        """One decode token through the cache: insert it (evicting per the policy), attend, record attention."""
+        q_att, k_all, v_all, mask = self.update(input_pos, k, v, q)
+        y, probs = self.attend(q_att, k_all, v_all, mask)
+        if probs is not None:
+            self.record_attention(probs)
+        return y
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor):
         """Decode attention over the cache; returns y and (when needs_attention) the probabilities."""
@@ -215,7 +223,7 @@ class KVCache(nn.Module):
     def choose_slot(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
         score = self.score(input_pos, k, q).float()
         pos = self.pos
-        protected = (pos < self.global_tokens) | (pos >= input_pos - self.recent_window)
+        protected = (pos < self.global_tokens) | (pos >= input_pos.view(-1, 1, 1) - self.recent_window)
         score = score.masked_fill(protected, float("inf")).masked_fill(pos < 0, float("-inf"))
         return score.argmin(dim=-1)  # the first minimum: empty slots in order, then the lowest slot on ties
 
@@ -339,16 +347,28 @@ class FullCache(KVCache):
     """Never evicts: slot = position; the buffer holds prompt + max_new_tokens."""
 
     def choose_slot(self, input_pos, k, q):
-        return input_pos.view(1, 1).expand(self.pos.shape[0], self.pos.shape[1])
+        return input_pos.view(-1, 1).expand(self.pos.shape[0], self.pos.shape[1])
+
+
+def hash_uniform(a: Tensor, b: Tensor, c: int) -> Tensor:
+    """A uniform [0, 1) draw per (a, b, c), from integer hashing (two Park-Miller steps; no overflow in int64).
+    Random eviction uses it instead of a random generator, so a sequence evicts the same slots whether it
+    is decoded alone or in a batch, and every run is reproducible."""
+    m = 2147483647
+    x = (a * 73856093 + b * 19349663 + c * 83492791 + 12345) % m
+    x = (x * 48271) % m
+    x = (x * 48271) % m
+    return x.double() / m
 
 
 class RandomCache(KVCache):
-    """Evicts a random unprotected slot (one draw per slot, shared by the KV heads)."""
+    """Evicts a random unprotected slot: one draw per (layer, step, slot), shared by the KV heads."""
     default_prompt_compressor = "recent_global"
 
     def score(self, input_pos, k, q):
         B, Hkv, C = self.pos.shape
-        return torch.rand(B, 1, C, device=k.device).expand(B, Hkv, C)
+        slots = torch.arange(C, device=k.device)
+        return hash_uniform(input_pos.view(-1, 1, 1), slots, self.layer_idx).float().expand(B, Hkv, C)
 
 
 class RecentGlobalCache(KVCache):
@@ -778,14 +798,84 @@ def build_caches(args, n_layers, n_kv_heads, head_dim, batch_size, max_seq_lengt
     return caches
 
 
+class SequenceBatch(nn.Module):
+    """One layer's caches for a batch of sequences: one policy instance per sequence (its own static buffers,
+    positions, counters and statistics), all preallocated once. Prefill fills one sequence (`row`) at a time, so
+    prompts of different lengths need no padding; a decode step inserts and attends each sequence's token in
+    its own cache, at its own position, inside the one compiled step (the linears run once over the batch).
+    Each sequence therefore keeps exactly the positions it keeps when decoded alone, for every policy."""
+
+    def __init__(self, rows: list):
+        super().__init__()
+        self.rows = nn.ModuleList(rows)
+        first = rows[0]
+        for name in ("kv_budget", "head_dim", "kv_dtype", "rotates_keys", "needs_tokens", "needs_attention",
+                     "debug_attention_loss", "layer_idx"):
+            setattr(self, name, getattr(first, name))
+
+    def reset(self):
+        for c in self.rows:
+            c.reset()
+
+    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int):
+        self.rows[row].prefill(input_pos, k, v, q)
+
+    def decode(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
+        """input_pos [B, 1] (each sequence's position) or [1] (shared); k, v [B, Hkv, 1, D]; q [B, H, 1, D]."""
+        per_seq = input_pos.dim() == 2
+        return torch.cat([c.decode(input_pos[b] if per_seq else input_pos, k[b:b + 1], v[b:b + 1], q[b:b + 1])
+                          for b, c in enumerate(self.rows)], dim=0)
+
+    def set_tokens(self, idx: Tensor, prefill: bool, row: int = None):
+        if prefill:
+            self.rows[row].set_tokens(idx, True)
+        else:
+            for b, c in enumerate(self.rows):
+                c.set_tokens(idx[b:b + 1], False)
+
+    def select_token(self, t: int):
+        for c in self.rows:
+            c.select_token(t)
+
+    def set_token_tables(self, *args, **kw):  # hybrid's vocabulary tables
+        for c in self.rows:
+            c.set_token_tables(*args, **kw)
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.rows)
+
+    def kept(self) -> int:
+        return sum(c.kept() for c in self.rows)
+
+
 def setup(model, args, batch_size: int, prompt_len: int, max_seq_length: int):
-    """Builds each layer's cache from the command-line arguments and installs it in the model."""
+    """Builds each layer's cache from the command-line arguments and installs it in the model. With
+    batch_size > 1 each layer gets a SequenceBatch of batch_size single-sequence caches (prompt_len: the
+    longest prompt)."""
     cfg = model.config
     w = model.tok_embeddings.weight
-    caches = build_caches(args, cfg.n_layer, cfg.n_local_heads, cfg.head_dim, batch_size, max_seq_length,
-                          w.dtype, w.device, prompt_len=prompt_len)
+
+    def build():
+        return build_caches(args, cfg.n_layer, cfg.n_local_heads, cfg.head_dim, 1, max_seq_length, w.dtype,
+                            w.device, prompt_len=prompt_len)
+
+    if batch_size == 1:
+        caches = build()
+    else:
+        per_seq = [build() for _ in range(batch_size)]
+        caches = [SequenceBatch([seq[i] for seq in per_seq]) for i in range(cfg.n_layer)]
     model.setup_caches(max_seq_length, lambda i: caches[i])
     return caches
+
+
+def sequence_caches(model, row: int) -> list:
+    """Sequence `row`'s cache in every layer (the model's own caches when it decodes one sequence)."""
+    return [c.rows[row] if isinstance(c, SequenceBatch) else c for c in model.caches]
+
+
+def batch_size(model) -> int:
+    c = model.caches[0]
+    return len(c.rows) if isinstance(c, SequenceBatch) else c.pos.shape[0]
 
 
 def prefill_budget(model) -> int:
@@ -793,8 +883,16 @@ def prefill_budget(model) -> int:
     return min(c.kv_budget for c in model.caches)
 
 
-def cache_stats(model) -> dict:
-    caches = model.caches
+def cache_stats(model, row: int = None) -> dict:
+    """Statistics of the caches (with a batch: of sequence `row`, or per sequence under "sequences" with the
+    totals of the whole batch's buffers)."""
+    if isinstance(model.caches[0], SequenceBatch) and row is None:
+        per_seq = [cache_stats(model, b) for b in range(batch_size(model))]
+        total = {k: sum(s[k] for s in per_seq) for k in ("kv_cache_bytes", "full_kv_cache_bytes")}
+        kept, seen = sum(s["kept_tokens"] for s in per_seq), sum(s["seen_tokens"] for s in per_seq)
+        return {"batch_size": len(per_seq), "seen_tokens": seen, "kept_tokens": kept,
+                "compression_ratio": kept / seen if seen else 1.0, **total, "sequences": per_seq}
+    caches = model.caches if row is None else sequence_caches(model, row)
     seen = int(caches[0].seen)
     b, h, _ = caches[0].pos.shape
     d = caches[0].head_dim

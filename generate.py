@@ -54,8 +54,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     return (probs / race).argmax(dim=-1, keepdim=True)
 
 
-def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling) -> torch.Tensor:
-    logits = model(x, input_pos, prefill=True)
+def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, row: int = None, **sampling) -> torch.Tensor:
+    logits = model(x, input_pos, prefill=True, row=row)  # row: one sequence of a batch of caches
     return sample(logits[:, -1], **sampling)
 
 
@@ -118,6 +118,58 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(
         "time_to_first_token_s": t_first - t0,
         "decode_s": t_end - t_first,
         "decode_tokens_per_s": decode_steps / (t_end - t_first) if decode_steps else 0.0,
+    }
+
+
+@torch.no_grad()
+def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, eos_ids=(), sampling=None,
+                   prefill_fn=prefill, decode_fn=decode_one_token):
+    """Decodes len(prompts) sequences together; the caches must be set up for that batch size (cache.setup).
+    Each prompt is prefilled alone into its own caches (no padding), then every decode step advances all
+    sequences at their own positions. A finished sequence keeps stepping (its tokens are dropped), so the
+    compiled step never changes. Returns (one token list per prompt, timing dict; decode_tokens_per_s counts
+    the tokens of all sequences)."""
+    sampling = sampling or {}
+    device = model.tok_embeddings.weight.device
+    if kvcache.batch_size(model) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts for caches set up for a batch of {kvcache.batch_size(model)}")
+    for c in model.caches:
+        c.reset()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    first = [prefill_fn(model, torch.tensor([p], dtype=torch.long, device=device),
+                        torch.arange(len(p), device=device), row=b, **sampling).clone() for b, p in enumerate(prompts)]
+    nxt = torch.cat(first, dim=0)  # [B, 1]
+    tokens = [[t] for t in nxt.view(-1).tolist()]
+    t_first = time.perf_counter()
+    done = [t[-1] in eos_ids or max_new_tokens <= 1 for t in tokens]
+    # A sequence's cache statistics are taken when it finishes (it keeps stepping afterwards).
+    finished = [kvcache.cache_stats(model, b) if d else None for b, d in enumerate(done)]
+    pos = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=device)  # [B, 1]
+    steps = 0
+    while not all(done):
+        nxt = decode_fn(model, nxt, pos, **sampling).clone()
+        pos += 1
+        steps += 1
+        for b, t in enumerate(nxt.view(-1).tolist()):
+            if not done[b]:
+                tokens[b].append(t)
+                done[b] = t in eos_ids or len(tokens[b]) >= max_new_tokens
+                if done[b]:
+                    finished[b] = kvcache.cache_stats(model, b)
+    sync()
+    t_end = time.perf_counter()
+    decoded = sum(len(t) - 1 for t in tokens)
+    return tokens, {
+        "batch_size": len(prompts),
+        "prompt_tokens": [len(p) for p in prompts],
+        "new_tokens": [len(t) for t in tokens],
+        "time_to_first_token_s": t_first - t0,  # all prompts prefilled, one after the other
+        "decode_s": t_end - t_first,
+        "decode_steps": steps,
+        "decode_tokens_per_s": decoded / (t_end - t_first) if steps else 0.0,
+        "decode_steps_per_s": steps / (t_end - t_first) if steps else 0.0,
+        "sequence_cache_stats": finished,
     }
 
 
@@ -232,7 +284,10 @@ class TextStream:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", default="Hello, my name is", help="the prompt text, or a .txt file to read it from")
+    p.add_argument("--prompt", nargs="+", default=["Hello, my name is"],
+                   help="the prompt text, or a .txt file to read it from; several prompts are decoded as a batch")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="sequences decoded together (default: the number of prompts; the prompts repeat to fill it)")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="longest sequence the run may reach (default: prompt + max_new_tokens)")
@@ -258,15 +313,23 @@ def run(a):
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     weights = resolve_checkpoint(a.checkpoint_path)
-    text = read_prompt(a.prompt)
+    texts = [read_prompt(x) for x in a.prompt]
+    batch = a.batch_size or len(texts)
+    if a.batch_size is not None and a.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {a.batch_size}")
+    if batch < len(texts):
+        raise UserError(f"{len(texts)} prompts do not fit --batch_size {batch} (give at most {batch} prompts)")
+    if batch > 1 and a.feed_long_prompts:
+        raise UserError("--feed_long_prompts decodes one sequence; use it with --batch_size 1")
     from tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(weights.parent)
     model = load_model(weights, device, dtype)
     cfg = model.config
-    prompt = encode_prompt(tokenizer, text, not a.no_chat, cfg.chat_format)
-    if not prompt:
+    prompts = [encode_prompt(tokenizer, texts[i % len(texts)], not a.no_chat, cfg.chat_format) for i in range(batch)]
+    if not all(prompts):
         raise UserError("the prompt is empty")
+    prompt = max(prompts, key=len)  # the longest sizes the caches
     if len(prompt) >= cfg.block_size:
         raise UserError(f"prompt of {len(prompt)} tokens does not fit the model's context of {cfg.block_size}")
     max_seq_length = a.max_seq_length or min(len(prompt) + a.max_new_tokens, cfg.block_size)
@@ -275,12 +338,14 @@ def run(a):
                         f"max_seq_length {max_seq_length} (model context {cfg.block_size})")
     if a.seed is not None:
         torch.manual_seed(a.seed)
-    kvcache.setup(model, a, batch_size=1, prompt_len=len(prompt), max_seq_length=max_seq_length)
+    kvcache.setup(model, a, batch_size=batch, prompt_len=len(prompt), max_seq_length=max_seq_length)
     from hybrid import set_token_classes
 
     set_token_classes(model, tokenizer)  # FastGen's special/punctuation classes; no-op without hybrid layers
     sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     eos = set(tokenizer.eos_ids) | set(cfg.eos_ids)
+    if batch > 1:
+        return run_batch(a, model, tokenizer, prompts, eos, sampling, device, dtype)
     prefill_fn, decode_fn = compile_fns(device, a.compile, a.compile_prefill)
     compile_s = 0.0
     if a.compile or a.compile_prefill:  # warm-up run: compile time is reported apart from decode speed
@@ -310,6 +375,49 @@ def run(a):
         out = records[0] if a.num_samples == 1 else {"samples": records}
         print(json.dumps({**out, "prompt_token_ids": prompt, "device": device, "dtype": str(dtype).split(".")[-1],
                           "model": cfg.name}))
+
+
+def run_batch(a, model, tokenizer, prompts, eos, sampling, device, dtype):
+    """--batch_size > 1: all prompts decoded together; completions and per-sequence statistics at the end."""
+    prefill_fn, decode_fn = compile_fns(device, a.compile, a.compile_prefill)
+    compile_s = 0.0
+    if a.compile or a.compile_prefill:
+        t = time.perf_counter()
+        generate_batch(model, prompts, min(4, a.max_new_tokens), sampling=sampling, prefill_fn=prefill_fn,
+                       decode_fn=decode_fn)
+        compile_s = time.perf_counter() - t
+        if a.seed is not None:
+            torch.manual_seed(a.seed)
+    records = []
+    for i in range(a.num_samples):
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        tokens, stats = generate_batch(model, prompts, a.max_new_tokens, eos_ids=eos, sampling=sampling,
+                                       prefill_fn=prefill_fn, decode_fn=decode_fn)
+        per_seq = stats.pop("sequence_cache_stats")
+        stats.update(compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(device),
+                     kv_cache_bytes=kvcache.cache_stats(model)["kv_cache_bytes"])
+        seqs = []
+        for b, (toks, p, s) in enumerate(zip(tokens, prompts, per_seq)):
+            text_ids = toks[:-1] if toks[-1] in eos else toks
+            seqs.append({"text": tokenizer.decode(text_ids), "token_ids": toks, "prompt_token_ids": p,
+                         "stats": {k: s[k] for k in ("seen_tokens", "kept_tokens", "compression_ratio",
+                                                     "kv_cache_bytes")}})
+            if not a.json:
+                print(f"[sequence {b + 1}/{len(prompts)}] {seqs[-1]['text']}\n", flush=True)
+                print(f"[sequence {b + 1}] prompt tokens: {len(p)}, new tokens: {len(toks)}, kept "
+                      f"{s['kept_tokens']:.0f}/{s['seen_tokens']} tokens per layer "
+                      f"({100 * s['compression_ratio']:.1f}%)", file=sys.stderr)
+        if not a.json:
+            print(f"batch of {len(prompts)}: time to first token (all prompts) {stats['time_to_first_token_s'] * 1e3:.1f} "
+                  f"ms; decode: {stats['decode_tokens_per_s']:.2f} tokens/s in total, {stats['decode_steps_per_s']:.2f} "
+                  f"steps/s" + (f" (compile warm-up {compile_s:.1f} s, excluded)" if compile_s else "")
+                  + f"; peak memory {stats['peak_memory_bytes'] / 2**20:.1f} MiB; KV cache "
+                  f"{stats['kv_cache_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
+        records.append({"sequences": seqs, "stats": stats})
+    if a.json:
+        out = records[0] if a.num_samples == 1 else {"samples": records}
+        print(json.dumps({**out, "device": device, "dtype": str(dtype).split(".")[-1], "model": model.config.name}))
 
 
 def format_stats(s: dict, i: int, n: int) -> str:

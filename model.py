@@ -183,7 +183,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.kv_cache = None  # set by Transformer.setup_caches
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, prefill: bool) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, prefill: bool, row=None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -198,7 +198,10 @@ class Attention(nn.Module):
             # The prompt attends to itself causally (fused kernel); the cache then keeps what its policy keeps.
             y = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True,
                                                enable_gqa=self.n_head != self.n_local_heads)
-            cache.prefill(input_pos, k_store, v, q_rot)
+            if row is None:
+                cache.prefill(input_pos, k_store, v, q_rot)
+            else:  # one sequence of a batch (cache.SequenceBatch)
+                cache.prefill(input_pos, k_store, v, q_rot, row=row)
         else:
             # T > 1 (speculative verification) inserts and attends token by token: the cache passes through the
             # same states as in T single steps, while the linears above and below still run once over T tokens.
@@ -206,12 +209,8 @@ class Attention(nn.Module):
             for t in range(T):
                 if cache.needs_tokens:
                     cache.select_token(t)
-                q_att, k_all, v_all, mask = cache.update(input_pos[..., t:t + 1], k_store[:, :, t:t + 1],
-                                                         v[:, :, t:t + 1], q_in[:, :, t:t + 1])
-                y_t, probs = cache.attend(q_att, k_all, v_all, mask)
-                if probs is not None:
-                    cache.record_attention(probs)
-                ys.append(y_t)
+                ys.append(cache.decode(input_pos[..., t:t + 1], k_store[:, :, t:t + 1], v[:, :, t:t + 1],
+                                       q_in[:, :, t:t + 1]))
             y = ys[0] if T == 1 else torch.cat(ys, dim=2)
         y = y.transpose(1, 2).reshape(B, T, q_size)
         return self.wo(y)
@@ -236,8 +235,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos, prefill):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, prefill)
+    def forward(self, x, cos, sin, input_pos, prefill, row=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, prefill, row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -263,21 +262,23 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.config, max_seq_length, device=device)
         self.rope_cos, self.rope_sin = cos, sin
         for i, layer in enumerate(self.layers):
-            layer.attention.kv_cache = make_cache(i)
-            layer.attention.kv_cache.rope_cos, layer.attention.kv_cache.rope_sin = cos, sin
+            layer.attention.kv_cache = cache = make_cache(i)
+            for c in getattr(cache, "rows", [cache]):  # a batch of sequences' caches (cache.SequenceBatch)
+                c.rope_cos, c.rope_sin = cos, sin
 
-    def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False, row: int = None) -> Tensor:
         """idx [B, T] token ids at positions input_pos: [T] shared by the batch, or [B, T] per sequence (batched
-        decoding of prompts of different lengths). Returns logits [B, T, vocab] in fp32."""
+        decoding of prompts of different lengths). row: prefill one sequence (idx [1, T]) of a batch of caches
+        (cache.SequenceBatch). Returns logits [B, T, vocab] in fp32."""
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         if input_pos.dim() == 2:  # [B, T, D] -> [B, 1, T, D]: broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for cache in self.caches:
             if cache.needs_tokens:  # policies that look at token identities (FastGen's special/punctuation)
-                cache.set_tokens(idx, prefill)
+                cache.set_tokens(idx, prefill) if row is None else cache.set_tokens(idx, prefill, row)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, prefill)
+            x = layer(x, cos, sin, input_pos, prefill, row)
         return self.output(self.norm(x)).float()
 
     @property

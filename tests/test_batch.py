@@ -1,0 +1,180 @@
+"""Batched decoding (issue 7): prompts of different lengths decoded together, each sequence in its own caches.
+
+One tiny random model carries every registered policy (one layer each, as in tests/test_compile.py) plus the
+score-based ones in position_mode cache. Each sequence of a batch must produce the greedy tokens and keep the
+positions (every layer, every KV head) it produces and keeps when decoded alone; the compiled batched step must
+compile once and keep doing so while sequences finish at different steps.
+"""
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import cache as kvcache
+import generate
+from model import ModelArgs, random_model
+from tests.test_compile import SCORED, cache_args
+
+PROMPT_LENS = [24, 31, 19]
+NEW = 30
+
+
+def groups():
+    return [(sorted(kvcache.POLICIES), {}), ([s for s in SCORED if s in kvcache.POLICIES], {"position_mode": "cache"})]
+
+
+def build(cfg, max_seq):
+    """Every group's caches for one sequence, built the way cache.setup builds them."""
+    caches = []
+    for strategies, extra in groups():
+        caches += kvcache.build_caches(cache_args(strategies, **extra), len(strategies), cfg.n_local_heads,
+                                       cfg.head_dim, 1, max_seq, torch.float32, "cpu", prompt_len=max(PROMPT_LENS))
+    return caches
+
+
+def install(model, per_seq, max_seq):
+    layers = per_seq[0] if len(per_seq) == 1 else [kvcache.SequenceBatch(list(c)) for c in zip(*per_seq)]
+    model.setup_caches(max_seq, lambda i: layers[i])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    n_layer = sum(len(s) for s, _ in groups())
+    cfg = ModelArgs(vocab_size=256, n_layer=n_layer, n_head=4, n_local_heads=2, dim=64, intermediate_size=128,
+                    block_size=512)
+    model = random_model(cfg, "cpu", torch.float32, seed=0)
+    with torch.no_grad():  # logits far from ties: greedy picks are not decided by rounding noise
+        model.output.weight.mul_(20)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    max_seq = max(PROMPT_LENS) + NEW
+    return model, cfg, prompts, max_seq
+
+
+def positions(caches):
+    return [c.pos.clone() for c in caches]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny):
+    model, cfg, prompts, max_seq = tiny
+    out = []
+    for p in prompts:
+        install(model, [build(cfg, max_seq)], max_seq)
+        tokens, _ = generate.generate(model, p, NEW)
+        out.append((tokens, positions(model.caches), [int(c.seen) for c in model.caches]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def batched(tiny):
+    model, cfg, prompts, max_seq = tiny
+    install(model, [build(cfg, max_seq) for _ in prompts], max_seq)
+    tokens, stats = generate.generate_batch(model, prompts, NEW)
+    caches = model.caches  # the model gets other caches in other fixtures: keep this run's
+    return tokens, stats, caches, kvcache.cache_stats(model)
+
+
+def test_every_policy_is_in_the_batch(tiny, batched):
+    _, _, caches, _ = batched
+    names = {type(c.rows[0]).__name__ for c in caches}
+    assert names == {cls.__name__ for cls in kvcache.POLICIES.values()}
+    assert all(len(c.rows) == len(PROMPT_LENS) for c in caches)
+
+
+def test_each_sequence_decodes_as_alone(alone, batched):
+    tokens, stats, _, _ = batched
+    assert stats["new_tokens"] == [NEW] * len(PROMPT_LENS) and stats["prompt_tokens"] == PROMPT_LENS
+    for b, (alone_tokens, _, _) in enumerate(alone):
+        assert tokens[b] == alone_tokens, f"sequence {b}"
+    assert len({tuple(t) for t in tokens}) == len(tokens), "different prompts should give different outputs"
+
+
+def test_each_sequence_keeps_the_positions_it_keeps_alone(tiny, alone, batched):
+    _, _, caches, _ = batched
+    names = [(g, s) for g, (strategies, _) in enumerate(groups()) for s in strategies]
+    evicted = set()
+    for b, (_, alone_pos, alone_seen) in enumerate(alone):
+        rows = [c.rows[b] for c in caches]
+        for name, c, a in zip(names, rows, alone_pos):
+            assert torch.equal(c.pos, a), f"sequence {b}, layer {name}: other positions than alone"
+            if (c.pos >= 0).sum(-1).max() < int(c.seen):
+                evicted.add(name[1])
+        assert [int(c.seen) for c in rows] == alone_seen
+        assert alone_seen[0] == PROMPT_LENS[b] + NEW - 1  # the last token is sampled, not yet inserted
+    assert evicted >= set(kvcache.POLICIES) - {"full"}, "every policy but full must evict in this run"
+
+
+def test_batch_statistics_are_per_sequence(batched):
+    _, _, caches, s = batched
+    assert s["batch_size"] == len(PROMPT_LENS)
+    assert [x["seen_tokens"] for x in s["sequences"]] == [n + NEW - 1 for n in PROMPT_LENS]
+    assert s["kv_cache_bytes"] == sum(x["kv_cache_bytes"] for x in s["sequences"]) \
+        == sum(c.nbytes() for c in caches)
+    kept = [x["kept_tokens"] for x in s["sequences"]]
+    assert all(0 < k < n + NEW - 1 for k, n in zip(kept, PROMPT_LENS)) and s["kept_tokens"] == sum(kept)
+
+
+def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
+    _, _, prompts, max_seq = tiny
+    # A smaller model keeps the compile CI-sized: every policy once.
+    strategies = sorted(kvcache.POLICIES)
+    cfg = ModelArgs(vocab_size=256, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=64,
+                    intermediate_size=128, block_size=512)
+    m = random_model(cfg, "cpu", torch.float32, seed=1)
+    with torch.no_grad():
+        m.output.weight.mul_(20)
+    per_seq = [kvcache.build_caches(cache_args(strategies), len(strategies), 2, 16, 1, max_seq, torch.float32,
+                                    "cpu", prompt_len=max(PROMPT_LENS)) for _ in prompts]
+    install(m, per_seq, max_seq)
+    free, _ = generate.generate_batch(m, prompts, NEW)
+    eos = {free[0][5]}  # sequence 0 stops at its 6th token (others may stop on it too, at other steps)
+    eager, _ = generate.generate_batch(m, prompts, NEW, eos_ids=eos)
+    assert len({len(t) for t in eager}) > 1, "sequences must finish at different steps"
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(generate.decode_one_token, fullgraph=True)
+    generate.generate_batch(m, prompts, 2, decode_fn=fn)
+    first = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled, stats = generate.generate_batch(m, prompts, NEW, eos_ids=eos, decode_fn=fn)
+    assert first == 1 and counters["stats"]["unique_graphs"] == 1
+    assert compiled == eager
+    assert stats["decode_steps"] == max(len(t) for t in compiled) - 1
+    # each sequence's statistics are taken at its end, not after the steps it made once finished
+    assert [s["seen_tokens"] for s in stats["sequence_cache_stats"]] == \
+        [n + len(t) - 1 for n, t in zip(PROMPT_LENS, compiled)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate.py --batch_size on SmolLM2
+# ---------------------------------------------------------------------------------------------------------------
+from tests.test_generate_cli import SHORT, cli_json, memoised_smol  # noqa: E402,F401 (autouse: SmolLM2 loaded once)
+
+CLI = ["--max_new_tokens", 10, "--cache_strategy", "recent_global", "--max_cache_length", 40, "--recent_window", 8]
+PROMPTS = [SHORT, "Name three colors of the rainbow, one per line, and nothing else please."]
+
+
+def test_cli_batch_equals_single_runs():
+    batch = cli_json("--prompt", *PROMPTS, *CLI)
+    assert batch["stats"]["batch_size"] == 2
+    for prompt, seq in zip(PROMPTS, batch["sequences"]):
+        alone = cli_json("--prompt", prompt, *CLI)
+        assert seq["token_ids"] == alone["token_ids"] and seq["text"] == alone["text"]
+        assert seq["prompt_token_ids"] == alone["prompt_token_ids"]
+        # statistics as of the sequence's end (it may have stepped on after its end-of-sequence token)
+        assert seq["stats"]["seen_tokens"] == alone["stats"]["seen_tokens"]
+        assert seq["stats"]["kept_tokens"] == alone["stats"]["kept_tokens"] < alone["stats"]["seen_tokens"]
+
+
+def test_cli_batch_repeats_prompts_and_rejects_bad_sizes(capsys):
+    out = cli_json("--prompt", SHORT, "--batch_size", 2, "--max_new_tokens", 3)
+    assert [s["prompt_token_ids"] for s in out["sequences"]][0] == out["sequences"][1]["prompt_token_ids"]
+    assert out["sequences"][0]["token_ids"] == out["sequences"][1]["token_ids"]
+    for args, needle in ((["--prompt", "a", "b", "c", "--batch_size", 2], "do not fit --batch_size 2"),
+                         (["--batch_size", 0], "--batch_size must be >= 1"),
+                         (["--prompt", "a", "b", "--feed_long_prompts"], "--feed_long_prompts")):
+        with pytest.raises(SystemExit) as e:
+            generate.main([str(x) for x in args])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error:") and "\n" not in err and needle in err, err
