@@ -132,6 +132,7 @@ Semantic choices where ALGORITHMS.md is open (each is repeated at the code)
 """
 import math
 import random
+import struct
 
 # =====================================================================================================
 # Small numeric helpers
@@ -378,6 +379,30 @@ class RandomRef(RefPolicy):
         if self._scores is None:
             self._scores = [self.rng.random() for _ in range(self.C)]
         return self._scores
+
+
+def hash_uniform(a, b, c):
+    """The engine's deterministic draw for random eviction: two Park-Miller steps over a mix of three integers,
+    divided by the modulus and rounded to float32 (the engine ranks float32 scores)."""
+    m = 2147483647
+    x = (a * 73856093 + b * 19349663 + c * 83492791 + 12345) % m
+    x = (x * 48271) % m
+    x = (x * 48271) % m
+    return struct.unpack("f", struct.pack("f", x / m))[0]
+
+
+class HashedRandomRef(RefPolicy):
+    """The engine's random policy: score of slot s at step t = hash_uniform(t, s, layer), shared by all KV
+    heads (a fixed function instead of a generator, so a sequence evicts the same alone or in a batch)."""
+
+    name = "random"
+
+    def __init__(self, C, G, r, layer=0, **kw):
+        super().__init__(C, G, r, **kw)
+        self.layer = layer
+
+    def score(self, h, t, q_t, k_t):
+        return [hash_uniform(t, s, self.layer) for s in range(self.C)]
 
 
 class RecentGlobalRef(RefPolicy):

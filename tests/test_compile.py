@@ -119,7 +119,7 @@ def tiny():
 def run_tiny(model, prompt, decode_fn, n_new):
     """Generated tokens and the per-layer statistics cache_stats reports (taken per group of layers: it expects
     debug_attention_loss on all layers of a model or on none)."""
-    torch.manual_seed(0)  # the random policy draws from the global generator
+    torch.manual_seed(0)  # nothing should draw random numbers (random eviction hashes); kept for determinism
     tokens, _ = generate.generate(model, prompt, n_new, decode_fn=decode_fn)
     caches = model.caches
     positions = [c.pos.clone() for c in caches]
@@ -139,7 +139,7 @@ def tiny_runs(tiny):
     eager = run_tiny(model, prompt, generate.decode_one_token, STEPS + 1)
     torch._dynamo.reset()
     counters.clear()
-    with torch._inductor.config.patch(fallback_random=True):  # compiled torch.rand draws what eager draws
+    with torch._inductor.config.patch(fallback_random=True):  # were anything to draw, compiled == eager draws
         compiled_fn = torch.compile(generate.decode_one_token, fullgraph=True)
         run_tiny(model, prompt, compiled_fn, 2)  # prefill + one compiled decode step
         graphs_after_first_step = counters["stats"]["unique_graphs"]

@@ -31,6 +31,15 @@ def test_kept_positions_match_reference(name, engine_hp, ref_hp, prompt_len):
         assert a == b, f"{name} differs from the reference at step {step}"
 
 
+@pytest.mark.parametrize("prompt_len", [8, 40], ids=["short_prompt", "long_prompt"])
+def test_random_matches_hashed_reference(prompt_len):
+    """random evicts by a fixed hash of (step, slot, layer); long prompts are cut by recent_global first."""
+    q, k, v = random_stream(prompt_len + STEPS, H, HKV, D, seed=prompt_len + 1)
+    ours, _ = engine_run("random", C, G, R, q, k, v, prompt_len, STEPS)
+    expected = ref.run(ref.HashedRandomRef(C, G, R), q, k, v, prompt_len, STEPS)
+    assert ours == expected
+
+
 @pytest.mark.parametrize("compressor", ["recent_global", "l2", "keep_it_odd", "heavy_hitter"])
 def test_prompt_compressors_match_reference(compressor):
     q, k, v = random_stream(50 + STEPS, H, HKV, D, seed=7)
