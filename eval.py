@@ -66,6 +66,9 @@ def build_parser():
     g.add_argument("--top_k", type=int, default=0)
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--batch_size", type=int, default=1,
+                   help="generation samples decoded together (each in its own caches: the same outputs as one at a "
+                        "time under greedy decoding); decode tokens/s then counts the whole batch")
     g.add_argument("--llm_judge", action="store_true",
                    help="also score free-response tasks with an LLM judge (needs OPENAI_API_KEY; skipped otherwise)")
     g.add_argument("--judge_model", default="gpt-4o-mini")
@@ -212,7 +215,10 @@ class Runtime:
             self.warm.add(kind)
             return
         t = time.perf_counter()
-        if kind == "generate":
+        if kind == "generate" and self.a.batch_size > 1:
+            gen.generate_batch(self.model, [ids] * self.a.batch_size, 4, sampling=self.sampling,
+                               prefill_fn=self.prefill_fn, decode_fn=self.decode_fn)
+        elif kind == "generate":
             gen.generate(self.model, ids, 4, sampling=self.sampling, prefill_fn=self.prefill_fn,
                          decode_fn=self.decode_fn, feed_long_prompts=self.a.feed_long_prompts)
         elif kind == "perplexity" and _perplexity_module() is not None:
@@ -267,8 +273,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def cache_summary(model) -> dict:
-    s = kvcache.cache_stats(model)
+def cache_summary(model, stats: dict = None) -> dict:
+    s = stats or kvcache.cache_stats(model)
     out = {k: v for k, v in s.items() if k != "layers"}
     out["layer_kept_tokens"] = [x["kept_tokens"] for x in s["layers"]]
     out["layer_kv_budget"] = [x["kv_budget"] for x in s["layers"]]
@@ -280,6 +286,29 @@ def run_generate(rt, task, sample, gen_len):
     tokens, st = gen.generate(rt.model, ids, gen_len, eos_ids=rt.eos, sampling=rt.sampling,
                               prefill_fn=rt.prefill_fn, decode_fn=rt.decode_fn,
                               feed_long_prompts=rt.a.feed_long_prompts)
+    return score_generation(rt, task, sample, tokens, st)
+
+
+def run_generate_batch(rt, task, chunk, gen_len):
+    """Up to --batch_size samples decoded together; a short last chunk is filled with copies of its last prompt
+    (outputs dropped) so the compiled step keeps its shape. Per sample: its tokens, its cache statistics at its
+    end, and the batch's timings (time to first token = all prompts prefilled; tokens/s = the whole batch)."""
+    batch = rt.a.batch_size
+    prompts = [s["ids"] for s in chunk] + [chunk[-1]["ids"]] * (batch - len(chunk))
+    tokens, st = gen.generate_batch(rt.model, prompts, gen_len, eos_ids=rt.eos, sampling=rt.sampling,
+                                    prefill_fn=rt.prefill_fn, decode_fn=rt.decode_fn)
+    per_seq = st.pop("sequence_cache_stats")
+    out = []
+    for b, s in enumerate(chunk):
+        stats = {"prompt_tokens": len(s["ids"]), "new_tokens": len(tokens[b]), "batch_size": batch,
+                 "time_to_first_token_s": st["time_to_first_token_s"], "decode_tokens_per_s": st["decode_tokens_per_s"]}
+        r = score_generation(rt, task, s, tokens[b], stats)
+        r["cache"] = cache_summary(rt.model, per_seq[b])
+        out.append(r)
+    return out
+
+
+def score_generation(rt, task, sample, tokens, st):
     text_ids = tokens[:-1] if tokens and tokens[-1] in rt.eos else tokens
     pred = rt.tokenizer.decode(text_ids)
     scores = task.score(pred, sample)
@@ -421,8 +450,13 @@ def run(a, defaults, cache_dests, argv):
         raise UserError(f"--max_new_tokens must be >= 0, got {a.max_new_tokens}")
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
+    if a.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {a.batch_size}")
     a.max_cache_length = list(a.max_cache_length)
     tasks = make_tasks(a.tasks, parse_task_opts(a.task_opts))
+    if a.batch_size > 1 and any(t.kind != "generate" for t in tasks):
+        raise UserError("--batch_size > 1 batches generation tasks; run perplexity and multiple-choice tasks "
+                        f"({', '.join(t.name for t in tasks if t.kind != 'generate')}) with --batch_size 1")
     gen_len = a.max_new_tokens if a.max_new_tokens is not None else max(t.max_new_tokens for t in tasks)
     if any(t.kind == "generate" for t in tasks) and gen_len < 1:
         raise UserError("generation tasks need --max_new_tokens >= 1")
@@ -481,7 +515,7 @@ def run(a, defaults, cache_dests, argv):
             print(f"note: {task.name}'s longest prompt is {longest} tokens but caches are sized for "
                   f"{max_seq_length} (--seq_length {a.seq_length} + {gen_len}): a fractional --max_cache_length "
                   "evicts little; lower --seq_length to compress these prompts", file=sys.stderr)
-    kvcache.setup(model, a, batch_size=1, prompt_len=a.seq_length, max_seq_length=max_seq_length)
+    kvcache.setup(model, a, batch_size=a.batch_size, prompt_len=a.seq_length, max_seq_length=max_seq_length)
     install_token_classes(model, tokenizer)
     rt = Runtime(a, model, tokenizer, device, max_seq_length)
     judge_skipped = False
@@ -527,30 +561,40 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
 
             bar = tqdm(total=len(samples), initial=len(records), desc=f"{cfg_name[:40]} {task.name}",
                        file=sys.stderr, mininterval=5, dynamic_ncols=True)
-        for s in samples[len(records):]:
-            torch.manual_seed(a.seed * 1_000_003 + s["id"])  # random policies / sampling: per-sample seeds
-            if task.kind == "generate":
-                r = run_generate(rt, task, s, task_gen)
+        todo = samples[len(records):]
+        step = a.batch_size if task.kind == "generate" else 1
+        for i in range(0, len(todo), step):
+            chunk = todo[i:i + step]
+            torch.manual_seed(a.seed * 1_000_003 + chunk[0]["id"])  # sampling: per-sample (per-batch) seeds
+            if task.kind == "generate" and a.batch_size > 1:
+                results = run_generate_batch(rt, task, chunk, task_gen)
+            elif task.kind == "generate":
+                results = [run_generate(rt, task, chunk[0], task_gen)]
             elif task.kind == "loglikelihood":
-                r = run_loglikelihood(rt, task, s)
+                results = [run_loglikelihood(rt, task, chunk[0])]
             else:
-                r = run_perplexity(rt, task, s)
-            r["cache"] = cache_summary(model)
-            rec = {"id": s["id"], "fingerprint": fingerprint, "prompt_tokens": len(s["ids"]), **r,
-                   "meta": s.get("meta", {})}
-            rec["cache"].pop("layer_kv_budget", None)
-            with open(pred_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            records.append(rec)
-            if bar:
-                bar.update(1)
-                bar.set_postfix_str(f"{task.primary}={sum(x['scores'][task.primary] for x in records) / len(records):.3g}")
+                results = [run_perplexity(rt, task, chunk[0])]
+            for s, r in zip(chunk, results):
+                if "cache" not in r:
+                    r["cache"] = cache_summary(model)
+                rec = {"id": s["id"], "fingerprint": fingerprint, "prompt_tokens": len(s["ids"]), **r,
+                       "meta": s.get("meta", {})}
+                rec["cache"].pop("layer_kv_budget", None)
+                with open(pred_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                records.append(rec)
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{task.primary}="
+                                        f"{sum(x['scores'][task.primary] for x in records) / len(records):.3g}")
         if bar:
             bar.close()
-        cs = kvcache.cache_stats(model)
-        info = {"kv_cache_bytes": cs["kv_cache_bytes"], "full_kv_cache_bytes_at_max_seq_length":
-                2 * len(model.caches) * model.caches[0].k.shape[1] * max_seq_length * model.caches[0].k.shape[3]
-                * model.caches[0].k.element_size(),
+        cs = kvcache.cache_stats(model, 0 if a.batch_size > 1 else None)  # per-sequence figures (sequence 0's)
+        first = kvcache.sequence_caches(model, 0)[0]
+        info = {"kv_cache_bytes": kvcache.cache_stats(model)["kv_cache_bytes"], "batch_size": a.batch_size,
+                "full_kv_cache_bytes_at_max_seq_length":
+                a.batch_size * 2 * len(model.caches) * first.pos.shape[1] * max_seq_length * first.head_dim
+                * torch.empty((), dtype=first.kv_dtype).element_size(),
                 "layer_kv_budget": [x["kv_budget"] for x in cs["layers"]], "policies":
                 sorted({x["policy"] for x in cs["layers"]})}
         extra = {"peak_memory_bytes": gen.peak_memory_bytes(device), "compile_s": rt.compile_s,

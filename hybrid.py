@@ -304,6 +304,7 @@ def hybrid_stats(model) -> dict:
     """Per layer (hybrid layers only) the policy chosen by each KV head (sequence 0) and the counts; totals."""
     layers, total = [], {name: 0 for name in HYBRID_POLICIES}
     for i, c in enumerate(model.caches):
+        c = getattr(c, "rows", [c])[0]  # a batch: sequence 0's cache
         if isinstance(c, HybridCache):
             counts = c.policy_counts()
             layers.append({"layer": i, "head_policies": c.head_policies(), "policy_counts": counts})
@@ -349,7 +350,7 @@ def set_token_classes(model, tokenizer) -> int:
     """Installs the tokenizer's special and punctuation tables (one shared pair, on the model's device) in every
     hybrid cache of the model. Call after the caches are set up (cache.setup) and before generating or
     compiling. Returns the number of caches updated (0 when no layer is hybrid: nothing is computed)."""
-    caches = [c for c in model.caches if isinstance(c, HybridCache)]
+    caches = [r for c in model.caches for r in getattr(c, "rows", [c]) if isinstance(r, HybridCache)]  # batches too
     if not caches:
         return 0
     special, punct = token_class_tables(tokenizer, model.config.vocab_size)

@@ -267,3 +267,25 @@ def test_hybrid_gets_token_classes(smol_model, smol_tokenizer):
     assert c.punct_ids.numel() == smol_model.config.vocab_size and bool(c.punct_ids[smol_tokenizer.encode(".")[0]])
     kvcache.setup(smol_model, kvcache.parse_args(p, ["--cache_strategy", "l2"]), 1, 64, 64)
     ev.install_token_classes(smol_model, smol_tokenizer)  # nothing to do
+
+
+def test_batched_eval_equals_one_at_a_time(tmp_path, smol_dir, capsys):
+    """--batch_size 2 over 3 samples (the last batch padded): the same predictions and per-sample cache figures."""
+    args = ["--tasks", "niah_single_1", "--cache_strategy", "recent_global", "--max_cache_length", "0.5",
+            "--num_samples", "3", "--max_new_tokens", "4"]
+    run_eval(tmp_path / "one", *args)
+    err = run_eval(tmp_path / "two", *args, "--batch_size", "2", capsys=capsys)
+    d = Path("SmolLM2-135M-Instruct") / "recent_global__max_cache_length=0.5" / "niah_single_1-len192-gen4-n3"
+    one, two = ([json.loads(x) for x in (tmp_path / t / d / "predictions.jsonl").read_text().splitlines()]
+                for t in ("one", "two"))
+    assert [p["id"] for p in two] == [0, 1, 2]
+    for a, b in zip(one, two):
+        assert a["prediction"] == b["prediction"] and a["scores"] == b["scores"]
+        assert a["cache"]["seen_tokens"] == b["cache"]["seen_tokens"]
+        assert a["cache"]["kept_tokens"] == b["cache"]["kept_tokens"] < a["cache"]["seen_tokens"]
+        assert b["stats"]["batch_size"] == 2 and a["stats"]["new_tokens"] == b["stats"]["new_tokens"]
+    m = json.loads((tmp_path / "two" / d / "metrics.json").read_text())
+    assert m["stats"]["batch_size"] == 2 and "niah_single_1: string_match_all" in err
+    with pytest.raises(SystemExit):
+        run_eval(tmp_path / "bad", "--tasks", "ppl", "--batch_size", "2")
+    assert "--batch_size 1" in capsys.readouterr().err
