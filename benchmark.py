@@ -276,6 +276,9 @@ def build_parser():
                    help="weight formats: base (the checkpoint / --dtype), int8, int4 (= int4.g128), int4.gN "
                         "(N = 32/64/128/256); a checkpoint's model_<format>.pth is used when present, else the "
                         "model is quantized in memory")
+    p.add_argument("--batch_sizes", nargs="+", type=int, default=[1],
+                   help="sequences decoded together (different random prompts of the context length, each in its "
+                        "own caches); decode tok/s then counts all sequences")
     p.add_argument("--num_runs", type=int, default=5, help="timed runs per configuration (medians reported)")
     p.add_argument("--warmup_runs", type=int, default=1, help="untimed runs after the compile warm-up")
     p.add_argument("--compare_hf", action="store_true",
@@ -308,6 +311,8 @@ def check_args(a, device):
         raise UserError(f"--context_lengths must be >= 1, got {a.context_lengths}")
     if a.max_new_tokens is not None and a.max_new_tokens < 2:
         raise UserError(f"--max_new_tokens must be >= 2 (decode speed needs a decode step), got {a.max_new_tokens}")
+    if any(n < 1 for n in a.batch_sizes):
+        raise UserError(f"--batch_sizes must be >= 1, got {a.batch_sizes}")
     if a.num_runs < 1 or a.warmup_runs < 0:
         raise UserError("--num_runs must be >= 1 and --warmup_runs >= 0")
     cuda = device.startswith("cuda")
@@ -386,7 +391,8 @@ def configurations(a):
     for ctx in a.context_lengths:
         for s in a.strategies:
             for b in ([None] if s == "full" else a.budgets):
-                yield s, b, ctx
+                for n in a.batch_sizes:
+                    yield s, b, ctx, n
 
 
 def cache_namespace(a, strategy, budget):
@@ -397,7 +403,7 @@ def cache_namespace(a, strategy, budget):
 
 def validate_configurations(a, cfg: ModelArgs):
     """Builds every configuration's caches on the meta device first: a bad flag fails before any timing."""
-    for strategy, budget, ctx in configurations(a):
+    for strategy, budget, ctx, _ in configurations(a):
         try:
             kvcache.build_caches(cache_namespace(a, strategy, budget), cfg.n_layer, cfg.n_local_heads, cfg.head_dim,
                                  1, ctx + a.max_new_tokens, torch.float32, "meta", prompt_len=ctx)
@@ -411,7 +417,7 @@ def budget_label(b):
     return f"{b:g}" if b <= 1 else str(int(b))
 
 
-def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None):
+def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None, batch=1):
     cfg = model.config
     ns = cache_namespace(a, strategy, budget)
     new = a.max_new_tokens
@@ -420,16 +426,22 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None):
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    kvcache.setup(model, ns, batch_size=1, prompt_len=ctx, max_seq_length=max_seq)
+    kvcache.setup(model, ns, batch_size=batch, prompt_len=ctx, max_seq_length=max_seq)
     prefill_fn, decode_fn = gen.compile_fns(device, a.compile, a.compile_prefill)
     prompt = prompt_ids(cfg.vocab_size, ctx, a.seed)
+    prompts = [prompt] + [prompt_ids(cfg.vocab_size, ctx, a.seed + 1000 + b) for b in range(1, batch)]
     sync = sync_fn(device)
 
     def ours(n):
-        return gen.generate(model, prompt, n, prefill_fn=prefill_fn, decode_fn=decode_fn,
-                            feed_long_prompts=ns.feed_long_prompts)
+        """(sequence 0's tokens, stats); decode_steps_per_s: steps per second (= tokens/s for one sequence)."""
+        if batch == 1:
+            toks, st = gen.generate(model, prompt, n, prefill_fn=prefill_fn, decode_fn=decode_fn,
+                                    feed_long_prompts=ns.feed_long_prompts)
+            return toks, {**st, "decode_steps_per_s": st["decode_tokens_per_s"]}
+        toks, st = gen.generate_batch(model, prompts, n, prefill_fn=prefill_fn, decode_fn=decode_fn)
+        return toks[0], st
 
-    label = f"{fmt} {strategy} budget={budget_label(budget)} ctx={ctx}"
+    label = f"{fmt} {strategy} budget={budget_label(budget)} ctx={ctx}" + (f" batch={batch}" if batch > 1 else "")
     print(f"[{label}] warm-up{' (compiling)' if a.compile or a.compile_prefill else ''} ...", file=sys.stderr,
           flush=True)
     t = time.perf_counter()
@@ -443,7 +455,7 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None):
     stats = kvcache.cache_stats(model)
     kv_read = kv_bytes_per_token(model)
     runners, hf_compile_s, hf_errors = {}, {}, {}
-    if hf is not None and fmt == "base":
+    if hf is not None and fmt == "base" and batch == 1:
         for mode in a.hf_modes:
             t = time.perf_counter()
             try:
@@ -458,6 +470,7 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None):
             runners[mode] = r
     rec = {"ours": {"ttft": [], "tps": [], "tokens": None}, **{m: {"ttft": [], "tps": [], "tokens": None}
                                                                  for m in runners}}
+    steps_per_s = []
     for i in range(a.warmup_runs + a.num_runs):
         timed = i >= a.warmup_runs
         toks, st = ours(new)
@@ -465,6 +478,7 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None):
             rec["ours"]["ttft"].append(st["time_to_first_token_s"])
             rec["ours"]["tps"].append(st["decode_tokens_per_s"])
             rec["ours"]["tokens"] = toks
+            steps_per_s.append(st["decode_steps_per_s"])
         for mode, r in runners.items():
             htoks, hst = r.generate(prompt, new)
             if timed:
@@ -491,7 +505,9 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None):
         else "process peak RSS (ru_maxrss, whole process so far)",
         "kv_cache_bytes": stats["kv_cache_bytes"], "full_kv_cache_bytes": stats["full_kv_cache_bytes"],
         "kept_tokens": stats["kept_tokens"], "weight_bytes_per_token": w_read, "kv_bytes_per_token": kv_read,
-        "achieved_bandwidth_bytes_per_s": achieved_bandwidth(w_read + kv_read, tps),
+        "batch_size": batch, "decode_steps_per_s": median(steps_per_s),
+        # a step reads the weights once and every cache buffer of the batch once
+        "achieved_bandwidth_bytes_per_s": achieved_bandwidth(w_read + kv_read, median(steps_per_s)),
         "hf": {},
     }
     for mode in runners:
@@ -552,7 +568,7 @@ def markdown(meta: dict, results: list) -> str:
         f"{meta['num_runs']} timed runs after {meta['warmup_runs']} warm-up, medians; command: `{meta['command']}`",
         "",
     ]
-    head = ["model", "weights", "strategy", "budget", "context", "new", "compiled", "TTFT ms", "decode tok/s",
+    head = ["model", "weights", "strategy", "budget", "context", "new", "batch", "compiled", "TTFT ms", "decode tok/s",
             "compile s", "peak MiB", "KV MiB", "MB read/token", "GB/s", "% of copy BW"]
     for m in modes:
         head += [f"HF {m} tok/s", f"ours / HF {m}"]
@@ -560,7 +576,8 @@ def markdown(meta: dict, results: list) -> str:
     for r in results:
         per_tok = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
         row = [r["model"], r["weights"] + (f" ({r['dtype']})" if r["weights"] == "base" else ""), r["strategy"],
-               r["budget"], str(r["context"]), str(r["new_tokens"]), "yes" if r["compiled"] else "no",
+               r["budget"], str(r["context"]), str(r["new_tokens"]), str(r["batch_size"]),
+               "yes" if r["compiled"] else "no",
                f"{r['time_to_first_token_s'] * 1e3:.1f}", f"{r['decode_tokens_per_s']:.1f}",
                "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
                f"{r['peak_memory_bytes'] / 2**20:.0f}", f"{r['kv_cache_bytes'] / 2**20:.1f}", f"{per_tok / 1e6:.1f}",
@@ -605,8 +622,8 @@ def run(a, argv):
     for fmt in a.weights:
         model, fmt_used, source = models.get(fmt)
         hf = build_hf_model_for(model, a, fmt_used)
-        for strategy, budget, ctx in configurations(a):
-            results.append(run_config(model, fmt_used, source, strategy, budget, ctx, a, device, hf))
+        for strategy, budget, ctx, batch in configurations(a):
+            results.append(run_config(model, fmt_used, source, strategy, budget, ctx, a, device, hf, batch))
         del model, hf
         gc.collect()
         if device.startswith("cuda"):

@@ -144,3 +144,20 @@ def test_cli_one_line_error_subprocess():
 
     r = run_cli("benchmark.py", "--random_weights", "--model", "Nope-1B", "--device", "cpu")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown model preset" in r.stderr
+
+
+def test_batch_sizes_report_total_throughput(tmp_path):
+    cfg = tmp_path / "tiny.json"
+    tiny().to_json(cfg)
+    bm.main(["--random_weights", "--model", str(cfg), "--device", "cpu", "--context_lengths", "12",
+             "--max_new_tokens", "6", "--num_runs", "1", "--warmup_runs", "0", "--strategies", "recent_global",
+             "--budgets", "15", "--batch_sizes", "1", "3", "--out", str(tmp_path / "b")])
+    one, three = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert (one["batch_size"], three["batch_size"]) == (1, 3)
+    assert one["decode_tokens_per_s"] == pytest.approx(one["decode_steps_per_s"])
+    # three sequences per step: total tokens/s = 3 x steps/s (all run the full length: no end-of-sequence)
+    assert three["decode_tokens_per_s"] == pytest.approx(3 * three["decode_steps_per_s"])
+    assert three["kv_cache_bytes"] == 3 * one["kv_cache_bytes"]
+    assert three["achieved_bandwidth_bytes_per_s"] == pytest.approx(
+        (three["weight_bytes_per_token"] + three["kv_bytes_per_token"]) * three["decode_steps_per_s"])
+    assert "| 3 |" in (tmp_path / "b.md").read_text()
