@@ -442,6 +442,7 @@ class HeavyHitterCache(KVCache):
             self.attn_vis[..., 0] += visible
         self.step.add_(1)
 
+    @torch.compiler.disable  # a Python loop over prompt chunks: compiled, it would recompile per prompt length
     def after_prefill(self, k, q, keep):
         """Each prompt query counts as one step (with a window: only the last W queries)."""
         T, C, W = k.shape[2], self.kv_budget, self.history_window_size
@@ -599,6 +600,7 @@ class SinkRecentCache(KVCache):
         # The recent window counts the new token: protect the recent_tokens - 1 before it.
         self.global_tokens, self.recent_window = self.sink_tokens, self.recent_tokens - 1
 
+    @torch.compiler.disable  # keep(T) is computed on the host: compiled, it would recompile per prompt length
     def prefill(self, input_pos, k, v, q):
         T = k.shape[2]
         keep = sink_recent_keep(T, **{name: getattr(self, name) for name in self.hyperparams})

@@ -180,6 +180,7 @@ class HybridCache(KVCache):
             return self.cur_cls.view(B, 1)
         return torch.zeros(B, T, dtype=torch.uint8, device=device)  # set_tokens was not called: no classes
 
+    @torch.compiler.disable  # a Python loop over prompt chunks: compiled, it would recompile per prompt length
     def profile(self, k: Tensor, q: Tensor):
         """Chooses each head's policy from the prompt's attention (recovery of each candidate's columns)."""
         B, H, T, _ = k.shape

@@ -172,6 +172,7 @@ class MergePyramidCache(KVCache):
         return (pool_pairs(k[:, :, even], k[:, :, odd], kind), pool_pairs(v[:, :, even], v[:, :, odd], kind),
                 (pm[even] + pm[odd]) / 2, torch.stack([span[0, even], span[1, odd]]))
 
+    @torch.compiler.disable  # a Python loop over the prompt: compiled, it would recompile per prompt length
     def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
         """Keeps the prompt's rotated k, v [B, Hkv, T, D], compressed until the raw tail fits W_k (the seed's
         compress_prefill loop: pool [sinks, rws + W_k) while n - rws > W_k) unless skip_prefill_compression."""

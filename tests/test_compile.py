@@ -189,3 +189,27 @@ def test_compiled_attention_loss_is_zero_for_full_and_positive_when_evicting(tin
     for a, b in zip(eager[1]["layers"], compiled[1]["layers"]):
         if "attention_loss" in a:
             assert b["attention_loss"] == pytest.approx(a["attention_loss"], rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled prefill (dynamic shapes): new prompt lengths do not recompile
+# ---------------------------------------------------------------------------------------------------------------
+def test_compiled_prefill_does_not_recompile_per_prompt_length():
+    """Policies whose prefill runs Python over the prompt (SnapKV columns, FastGen's profile, keep(T), pooling
+    rounds) keep that part eager; otherwise every new prompt length would compile again."""
+    strategies = ["heavy_hitter", "hybrid", "sink_recent", "merge_pyramid", "recent_global"]
+    cfg = ModelArgs(vocab_size=256, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=64,
+                    intermediate_size=128, block_size=512)
+    model = random_model(cfg, "cpu", torch.float32, seed=0)
+    max_seq = 80
+    caches = kvcache.build_caches(cache_args(strategies), len(strategies), 2, 16, 1, max_seq, torch.float32, "cpu",
+                                  prompt_len=64)
+    model.setup_caches(max_seq, lambda i: caches[i])
+    torch._dynamo.reset()
+    counters.clear()
+    prefill_fn, _ = generate.compile_fns("cpu", False, True)
+    graphs = []
+    for n in (30, 37, 45, 58):  # every one longer than the 16-slot budgets: the compression path each time
+        generate.generate(model, list(range(1, n + 1)), 1, prefill_fn=prefill_fn)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[-1], f"graphs after each prompt length: {graphs}"
