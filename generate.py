@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import cache as kvcache
+import tp
 from model import Transformer, load_model
 
 REPO = Path(__file__).resolve().parent
@@ -283,6 +284,7 @@ class TextStream:
 
 
 def main(argv=None):
+    tp.quiet_other_ranks()  # under torchrun only rank 0 prints (tp.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", nargs="+", default=["Hello, my name is"],
                    help="the prompt text, or a .txt file to read it from; several prompts are decoded as a batch")
@@ -299,6 +301,11 @@ def main(argv=None):
     p.add_argument("--no_chat", action="store_true", help="send the raw prompt, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON record (text, ids, statistics) instead")
     add_model_args(p)
+    p.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                   help="speculative decoding: a draft model (model.pth or its folder; the target's vocabulary), "
+                        "given the same cache flags as the target")
+    p.add_argument("--speculate_k", type=int, default=None,
+                   help="speculative decoding: draft tokens verified per target forward (default 4)")
     kvcache.add_cache_args(p)
     try:
         a = kvcache.parse_args(p, argv)
@@ -321,10 +328,23 @@ def run(a):
         raise UserError(f"{len(texts)} prompts do not fit --batch_size {batch} (give at most {batch} prompts)")
     if batch > 1 and a.feed_long_prompts:
         raise UserError("--feed_long_prompts decodes one sequence; use it with --batch_size 1")
+    speculate = a.draft_checkpoint_path is not None or a.speculate_k is not None
+    if speculate:  # speculative decoding (speculative.py): flags checked before anything is loaded
+        import speculative
+
+        k = speculative.check_args(a, batch)
+        draft_weights = resolve_checkpoint(a.draft_checkpoint_path)
+    # torchrun --nproc_per_node K: tensor parallelism (tp.py). Each rank holds 1/K of the heads and of the MLP, on
+    # cuda:LOCAL_RANK (or cpu); ranks > 0 print nothing; the same seed on every rank keeps sampling in step.
+    dist = tp.maybe_init_distributed(a.device, config=weights.parent / "config.json")
+    if dist:
+        if speculate:
+            raise UserError("speculative decoding is not supported under torchrun (tensor parallelism) yet")
+        device, a.seed = dist.device, tp.shared_seed(a.seed)
     from tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(weights.parent)
-    model = load_model(weights, device, dtype)
+    model = tp.load_sharded(weights, dist, dtype) if dist else load_model(weights, device, dtype)
     cfg = model.config
     prompts = [encode_prompt(tokenizer, texts[i % len(texts)], not a.no_chat, cfg.chat_format) for i in range(batch)]
     if not all(prompts):
@@ -342,6 +362,9 @@ def run(a):
     from hybrid import set_token_classes
 
     set_token_classes(model, tokenizer)  # FastGen's special/punctuation classes; no-op without hybrid layers
+    if speculate:
+        draft = speculative.load_draft(draft_weights, model, a, tokenizer, device, dtype, len(prompt), max_seq_length)
+        spec_fns = speculative.compile_fns(device, a.compile)
     sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     eos = set(tokenizer.eos_ids) | set(cfg.eos_ids)
     if batch > 1:
@@ -350,8 +373,12 @@ def run(a):
     compile_s = 0.0
     if a.compile or a.compile_prefill:  # warm-up run: compile time is reported apart from decode speed
         t = time.perf_counter()
-        generate(model, prompt, min(4, a.max_new_tokens), sampling=sampling, prefill_fn=prefill_fn,
-                 decode_fn=decode_fn, feed_long_prompts=a.feed_long_prompts)
+        if speculate:  # every graph of every length a speculative run may need
+            speculative.warm_up(model, draft, prompt, a.max_new_tokens, k, sampling=sampling, prefill_fn=prefill_fn,
+                                fns=spec_fns)
+        else:
+            generate(model, prompt, min(4, a.max_new_tokens), sampling=sampling, prefill_fn=prefill_fn,
+                     decode_fn=decode_fn, feed_long_prompts=a.feed_long_prompts)
         compile_s = time.perf_counter() - t
         if a.seed is not None:
             torch.manual_seed(a.seed)
@@ -360,11 +387,16 @@ def run(a):
         stream = None if a.json else TextStream(tokenizer)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        tokens, stats = generate(model, prompt, a.max_new_tokens, eos_ids=eos, sampling=sampling,
-                                 prefill_fn=prefill_fn, decode_fn=decode_fn, callback=stream,
-                                 feed_long_prompts=a.feed_long_prompts)
+        if speculate:
+            tokens, stats = speculative.speculative_generate(model, draft, prompt, a.max_new_tokens, k, eos_ids=eos,
+                                                             sampling=sampling, prefill_fn=prefill_fn, fns=spec_fns,
+                                                             callback=stream)
+        else:
+            tokens, stats = generate(model, prompt, a.max_new_tokens, eos_ids=eos, sampling=sampling,
+                                     prefill_fn=prefill_fn, decode_fn=decode_fn, callback=stream,
+                                     feed_long_prompts=a.feed_long_prompts)
         stats.update(compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(device),
-                     **kvcache.cache_stats(model))
+                     **tp.reduce_stats(kvcache.cache_stats(model)))  # torchrun: summed over the ranks' heads
         text_ids = tokens[:-1] if tokens[-1] in eos else tokens  # the stop token is not part of the text
         records.append({"text": tokenizer.decode(text_ids), "token_ids": tokens, "stats": stats})
         if stream:
@@ -394,9 +426,9 @@ def run_batch(a, model, tokenizer, prompts, eos, sampling, device, dtype):
             torch.cuda.reset_peak_memory_stats()
         tokens, stats = generate_batch(model, prompts, a.max_new_tokens, eos_ids=eos, sampling=sampling,
                                        prefill_fn=prefill_fn, decode_fn=decode_fn)
-        per_seq = stats.pop("sequence_cache_stats")
+        per_seq = [tp.reduce_stats(s) for s in stats.pop("sequence_cache_stats")]  # torchrun: all ranks' heads
         stats.update(compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(device),
-                     kv_cache_bytes=kvcache.cache_stats(model)["kv_cache_bytes"])
+                     kv_cache_bytes=tp.reduce_stats(kvcache.cache_stats(model))["kv_cache_bytes"])
         seqs = []
         for b, (toks, p, s) in enumerate(zip(tokens, prompts, per_seq)):
             text_ids = toks[:-1] if toks[-1] in eos else toks
@@ -432,6 +464,10 @@ def format_stats(s: dict, i: int, n: int) -> str:
     ]
     if "attention_loss" in s:
         lines.append(f"attention mass on evicted tokens (vs a shadow full cache): {s['attention_loss']:.4f}")
+    if "speculative" in s:
+        import speculative
+
+        lines.append(speculative.format_stats(s["speculative"]))
     return "\n".join(lines)
 
 
