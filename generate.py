@@ -41,6 +41,15 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     """logits [B, V] -> next token [B, 1]. temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
+    probs = filtered_probs(logits, temperature, top_k, top_p)
+    # Exponential race instead of torch.multinomial: no host sync, so it runs inside a CUDA graph.
+    race = torch.empty_like(probs).exponential_(1)
+    return (probs / race).argmax(dim=-1, keepdim=True)
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution sample() draws from (temperature > 0): [B, V] probabilities after top_k / top_p
+    (unnormalised after top_p: the exponential race does not need a normalised row)."""
     logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -50,9 +59,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    # Exponential race instead of torch.multinomial: no host sync, so it runs inside a CUDA graph.
-    race = torch.empty_like(probs).exponential_(1)
-    return (probs / race).argmax(dim=-1, keepdim=True)
+    return probs
 
 
 def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, row: int = None, **sampling) -> torch.Tensor:

@@ -41,16 +41,8 @@ def sampling_probs(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top
     argmax."""
     if temperature <= 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return probs
+    probs = generate.filtered_probs(logits, temperature, top_k, top_p)
+    return probs / probs.sum(-1, keepdim=True)  # top_p leaves rows unnormalised; p / q ratios need normalised rows
 
 
 def draw(probs: Tensor, generator=None) -> Tensor:
