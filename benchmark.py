@@ -40,15 +40,17 @@ from pathlib import Path
 import torch
 
 import cache as kvcache
+import cli
 import generate as gen
-from model import PRESETS, ModelArgs, load_model, random_model
+import policies
+import quantize
+import runtime
+from cli import UserError
+from model import PRESETS, ModelArgs, random_model
+from quantize import load_model
 
 REPO = Path(__file__).resolve().parent
 HF_MODES = ("dynamic", "static", "static+compile")
-
-
-class UserError(gen.UserError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,8 +211,7 @@ class HFRunner:
             self.cache = transformers.StaticCache(config=hf.config, max_cache_len=max_len)
         step = self._step
         if mode == "static+compile":
-            step = torch.compile(self._step, mode="reduce-overhead" if device.startswith("cuda") else None,
-                                 fullgraph=True)
+            step = runtime.compile_decode(self._step, device)
         self.step = step
 
     def _forward(self, ids, pos, cache, **kw):
@@ -258,14 +259,14 @@ class HFRunner:
 # ---------------------------------------------------------------------------------------------------------------
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gen.add_model_args(p)
+    cli.add_model_args(p)
     p.add_argument("--random_weights", action="store_true",
                    help="no checkpoint: random weights of --model's shape (timings are valid: same bytes per token)")
     p.add_argument("--model", default=None,
                    help=f"with --random_weights: a preset ({', '.join(PRESETS)}) or a config.json path "
                         f"(default SmolLM2-135M)")
     p.add_argument("--strategies", nargs="+", default=["full"],
-                   help=f"cache policies to sweep (one per run, all layers): {', '.join(kvcache.POLICIES)}")
+                   help=f"cache policies to sweep (one per run, all layers): {', '.join(policies.POLICIES)}")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.5],
                    help="slots per layer for non-full strategies: a fraction (<= 1) of context + new tokens, or "
                         "a token count (like --max_cache_length); full always holds everything")
@@ -293,14 +294,14 @@ def build_parser():
     p.add_argument("--out", type=Path, default=REPO / "results" / "benchmark", help="writes OUT.json and OUT.md")
     p.add_argument("--profile", type=Path, default=None,
                    help="folder for a torch.profiler trace (chrome JSON) of one generation per configuration")
-    kvcache.add_cache_args(p)
+    policies.add_cache_args(p)
     return p
 
 
 def check_args(a, device):
-    unknown = [s for s in a.strategies if s not in kvcache.POLICIES]
+    unknown = [s for s in a.strategies if s not in policies.POLICIES]
     if unknown:
-        raise UserError(f"unknown strategy {unknown[0]!r}; allowed: {', '.join(kvcache.POLICIES)}")
+        raise UserError(f"unknown strategy {unknown[0]!r}; allowed: {', '.join(policies.POLICIES)}")
     if a.random_weights and a.checkpoint_path is not None:
         raise UserError("--random_weights and --checkpoint_path exclude each other")
     if a.model is not None and not a.random_weights:
@@ -322,8 +323,6 @@ def check_args(a, device):
     bad = [m for m in a.hf_modes if m not in HF_MODES]
     if bad:
         raise UserError(f"unknown --hf_modes {bad[0]!r}; allowed: {', '.join(HF_MODES)}")
-    import quantize
-
     formats = []
     for w in a.weights or ["base"]:
         formats.append(w if w == "base" else quantize.format_name(quantize.parse_mode(w)))
@@ -350,12 +349,10 @@ class Models:
 
     def __init__(self, a, device, dtype):
         self.a, self.device, self.dtype = a, device, dtype
-        self.weights = None if a.random_weights else gen.resolve_checkpoint(a.checkpoint_path)
+        self.weights = None if a.random_weights else cli.resolve_checkpoint(a.checkpoint_path)
         self.args = model_args(a) if a.random_weights else ModelArgs.from_json(self.weights.parent / "config.json")
 
     def get(self, fmt: str):
-        import quantize
-
         a = self.a
         if a.random_weights:
             model = random_model(self.args, self.device, self.dtype, seed=a.seed)
@@ -383,10 +380,6 @@ def prompt_ids(vocab: int, n: int, seed: int) -> list:
     return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
-def sync_fn(device):
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
 def configurations(a):
     for ctx in a.context_lengths:
         for s in a.strategies:
@@ -405,7 +398,7 @@ def validate_configurations(a, cfg: ModelArgs):
     """Builds every configuration's caches on the meta device first: a bad flag fails before any timing."""
     for strategy, budget, ctx, _ in configurations(a):
         try:
-            kvcache.build_caches(cache_namespace(a, strategy, budget), cfg.n_layer, cfg.n_local_heads, cfg.head_dim,
+            policies.build_caches(policies.settings(cache_namespace(a, strategy, budget)), cfg.n_layer, cfg.n_local_heads, cfg.head_dim,
                                  1, ctx + a.max_new_tokens, torch.float32, "meta", prompt_len=ctx)
         except ValueError as e:
             raise UserError(f"{strategy} budget {budget_label(budget)} context {ctx}: {e}") from None
@@ -426,11 +419,11 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None, ba
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    kvcache.setup(model, ns, batch_size=batch, prompt_len=ctx, max_seq_length=max_seq)
-    prefill_fn, decode_fn = gen.compile_fns(device, a.compile, a.compile_prefill)
+    policies.setup(model, ns, batch_size=batch, prompt_len=ctx, max_seq_length=max_seq)
+    prefill_fn, decode_fn = runtime.compile_fns(device, a.compile, a.compile_prefill)
     prompt = prompt_ids(cfg.vocab_size, ctx, a.seed)
     prompts = [prompt] + [prompt_ids(cfg.vocab_size, ctx, a.seed + 1000 + b) for b in range(1, batch)]
-    sync = sync_fn(device)
+    sync = lambda: runtime.synchronize(device)  # noqa: E731
 
     def ours(n):
         """(sequence 0's tokens, stats); decode_steps_per_s: steps per second (= tokens/s for one sequence)."""
@@ -451,7 +444,7 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None, ba
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     ours(new)  # peak memory of our run alone (before this configuration's transformers cache exists)
-    peak = gen.peak_memory_bytes(device)
+    peak = runtime.peak_memory_bytes(device)
     stats = kvcache.cache_stats(model)
     kv_read = kv_bytes_per_token(model)
     runners, hf_compile_s, hf_errors = {}, {}, {}
@@ -546,7 +539,7 @@ def profile_run(ours, runners, prompt, new, folder: Path, label: str, device: st
             [(f"hf-{m}", (lambda r=r: r.generate(prompt, min(new, 32)))) for m, r in runners.items()]:
         with profile(activities=acts) as prof:
             fn()
-            sync_fn(device)()
+            runtime.synchronize(device)
         path = folder / f"trace_{stem}_{name.replace('+', '_')}.json"
         prof.export_chrome_trace(str(path))
         sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
@@ -598,17 +591,12 @@ def markdown(meta: dict, results: list) -> str:
 
 def main(argv=None):
     p = build_parser()
-    try:
-        a = kvcache.parse_args(p, argv)
-        run(a, argv if argv is not None else sys.argv[1:])
-    except (gen.UserError, ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_main(lambda: run(policies.parse_args(p, argv), argv if argv is not None else sys.argv[1:]))
 
 
 def run(a, argv):
-    device = gen.resolve_device(a.device)
-    dtype = gen.resolve_dtype(a.dtype, device)
+    device = cli.resolve_device(a.device)
+    dtype = cli.resolve_dtype(a.dtype, device)
     check_args(a, device)
     models = Models(a, device, dtype)
     validate_configurations(a, models.args)

@@ -1,18 +1,28 @@
 """Static, preallocated KV caches whose policies rewrite slots in place.
 
-A layer's cache holds `kv_budget` slots per KV head: k, v [B, Hkv, C, D] and pos [B, Hkv, C] (the original
-position in each slot, -1 = empty). Each decode step writes exactly one slot per (sequence, KV head), chosen
-by the policy, so shapes never change and the decode step compiles once.
+A layer's cache holds `kv_budget` slots per KV head: K/V [B, Hkv, C, D] (in a KVStore, full precision or
+quantized) and pos [B, Hkv, C] (the original position in each slot, -1 = empty). Each decode step writes
+exactly one slot per (sequence, KV head), chosen by the policy, so shapes never change and the decode step
+compiles once.
 
-A policy is a small subclass of KVCache: it declares its hyper-parameters (`hyperparams`, shown in --help)
-and how it scores slots (`score`, low = evicted first). The base class does the bookkeeping: sinks
-(positions < global_tokens) and the recent window (positions >= t - recent_window) are protected, empty
-slots fill first, ties go to the lowest slot index, prompts longer than the budget are compressed, and
-statistics are kept. Semantics: ../shared/ALGORITHMS.md; the step-by-step references: tests/reference_policies.py.
+The model talks to a cache through four calls, the same for every policy, batch and storage mode:
+  set_rope(cos, sin)                    once, the model's RoPE tables
+  set_tokens(idx, prefill, row)         before each forward: the token ids (only token-class policies use them)
+  prefill(input_pos, k, v, q, row)      the prompt's un-rotated q, k and v; the cache keeps what its policy keeps
+  decode(input_pos, k, v, q) -> y       T >= 1 new tokens: insert each (evicting per the policy) and attend
+The cache applies RoPE itself (at absolute positions, or by rank in position_mode "cache"), so the model never
+asks which mode a cache is in. A cache used without a model (no tables) takes q and k as already positioned.
+
+A policy is a small subclass of KVCache: it declares its hyper-parameters (`hyperparams`: Param declarations,
+which become --flags, YAML keys and constructor arguments, validated in one place) and how it scores slots
+(`score`, low = evicted first). The base class does the bookkeeping: sinks (positions < global_tokens) and the
+recent window (positions >= t - recent_window) are protected, empty slots fill first, ties go to the lowest
+slot index, prompts longer than the budget are compressed (`prompt_keep`; the base writes the kept slots,
+positions and the debug shadow once), and statistics are kept. Semantics: docs/algorithms.md; the step-by-step
+references: tests/reference_policies.py. The registry of policies and the command-line set-up: policies.py.
 """
 import math
-import sys
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -21,248 +31,145 @@ from torch import Tensor
 
 from model import apply_rope, attention
 
-CONFIG_DIR = Path(__file__).resolve().parent / "cache_configs"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hyper-parameter declarations
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter: type, default and help (the --flag, the YAML key and the constructor argument all come
+    from it) and its valid values, checked in one place (`problem`)."""
+    type: type
+    default: object
+    help: str
+    choices: tuple = ()
+    min: float = None  # inclusive
+    max: float = None  # inclusive
+    above: float = None  # exclusive lower bound
+
+    def problem(self, value):
+        """Why `value` is not allowed (a phrase such as 'must be >= 1, got 0'), or None when it is."""
+        if value is None:
+            return None if self.default is None else "must be given"
+        if self.type is bool:
+            return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+        if self.type in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"must be a number, got {value!r}"
+            if not math.isfinite(value):
+                return f"must be a finite number, got {value}"
+            if self.type is int and value != int(value):
+                return f"must be an integer, got {value}"
+            if self.min is not None and self.max is not None and not self.min <= value <= self.max:
+                return f"must be in {self.min:g}..{self.max:g}, got {value}"
+            if self.min is not None and value < self.min:
+                return f"must be >= {self.min:g}, got {value}"
+            if self.max is not None and value > self.max:
+                return f"must be <= {self.max:g}, got {value}"
+            if self.above is not None and not value > self.above:
+                return f"must be > {self.above:g}, got {value}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+        return None
+
+    def check(self, name: str, value):
+        """value, or a ValueError naming the flag."""
+        why = self.problem(value)
+        if why:
+            raise ValueError(f"--{name} {why}")
+        return self.type(value) if value is not None and self.type in (int, float) else value
 
 
-class KVCache(nn.Module):
-    hyperparams = {}  # name -> (type, default, help): become --flags and constructor arguments
-    needs_attention = False  # True: the model passes each decode step's attention to record_attention
-    needs_tokens = False  # True: the model calls set_tokens(idx, prefill) before each forward
-    default_prompt_compressor = "recent_global"
+def check_params(params: dict, values: dict, owner: str = "") -> dict:
+    """Every declared hyper-parameter, from values or its default, validated."""
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise ValueError(f"{owner or 'the cache'} got unknown hyper-parameters {unknown}")
+    return {name: p.check(name, values.get(name, p.default)) for name, p in params.items()}
 
-    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype, *,
-                 max_seq_length: int = None, global_tokens: int = 4, recent_window: int = 10,
-                 prompt_compressor: str = None, observation_window: int = 16, pooling_kernel: int = 5,
-                 layer_idx: int = 0, n_layers: int = 1, debug_attention_loss: bool = False,
-                 position_mode: str = "absolute", cache_bits: int = None, cache_group_size: int = None, **hp):
+
+PROMPT_COMPRESSORS = ("recent_global", "random", "l2", "heavy_hitter", "keep_it_odd")
+
+# The engine's own knobs, shared by every policy (constructor arguments of KVCache, flags of policies.py).
+CACHE_PARAMS = {
+    "global_tokens": Param(int, 4, "sink tokens (the first positions) never evicted", min=0),
+    "recent_window": Param(int, 10, "most recent tokens never evicted", min=0),
+    "prompt_compression_strategy": Param(str, None, "for prompts longer than the budget: "
+                                          f"{', '.join(PROMPT_COMPRESSORS)} (default: the policy's own)",
+                               choices=PROMPT_COMPRESSORS),
+    "observation_window": Param(int, 16, "SnapKV prompt compression: the last prompt queries scored", min=1),
+    "pooling_kernel": Param(int, 5, "SnapKV prompt compression: 1-D pooling kernel over the scores (odd)", min=1),
+    "position_mode": Param(str, None, "RoPE positions of cached keys: absolute, or cache (rank in the cache, "
+                                      "StreamingLLM's position shift); default: the policy's own",
+                           choices=("absolute", "cache")),
+    "cache_bits": Param(int, None, "store K/V quantized (per token and group, min-max) with every policy",
+                        choices=(2, 4, 8)),
+    "cache_group_size": Param(int, None, "channels sharing one scale with --cache_bits (default: head_dim)", min=1),
+    "debug_attention_loss": Param(bool, False, "keep a shadow full cache and report the attention mass evicted "
+                                               "tokens would get"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Storage: full precision or quantized, behind one interface
+# ---------------------------------------------------------------------------------------------------------------
+class KVStore(nn.Module):
+    """K/V slots in full precision: k, v [B, Hkv, C, D]."""
+
+    def __init__(self, shape: tuple, dtype):
         super().__init__()
-        if position_mode not in ("absolute", "cache"):
-            raise ValueError(f"unknown position_mode {position_mode!r}; allowed: absolute, cache")
-        self.position_mode = position_mode
-        self.rotates_keys = position_mode == "cache"  # keys stored un-rotated, rotated by rank at each step
-        self.rope_cos = self.rope_sin = None  # RoPE tables, set by Transformer.setup_caches
-        self.kv_budget, self.global_tokens, self.recent_window = kv_budget, global_tokens, recent_window
-        self.max_seq_length = max_seq_length or kv_budget  # longest sequence the run may reach
-        self.layer_idx, self.n_layers = layer_idx, n_layers
-        self.prompt_compressor = prompt_compressor or self.default_prompt_compressor
-        self.observation_window, self.pooling_kernel = observation_window, pooling_kernel
-        for name, (_, default, _) in self.hyperparams.items():
-            setattr(self, name, hp.pop(name, default))
-        if hp:
-            raise ValueError(f"{type(self).__name__} got unknown hyper-parameters {sorted(hp)}")
-        shape = (batch_size, n_kv_heads, kv_budget, head_dim)
-        self.cache_bits = cache_bits
-        if cache_bits:
-            self.quant = KVQuantizer(cache_bits, cache_group_size or head_dim, head_dim)
-            for name in ("k", "v"):  # codes packed in bytes, one scale and zero per token and group
-                self.register_buffer(f"{name}_codes", torch.zeros(*shape[:3], self.quant.code_bytes, dtype=torch.uint8),
-                                     persistent=False)
-                self.register_buffer(f"{name}_scale", torch.zeros(*shape[:3], self.quant.n_groups, dtype=dtype),
-                                     persistent=False)
-                self.register_buffer(f"{name}_zero", torch.zeros(*shape[:3], self.quant.n_groups, dtype=dtype),
-                                     persistent=False)
-            self.k = self.v = None
-        else:
-            self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-            self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.kv_dtype, self.head_dim = dtype, head_dim
-        self.register_buffer("pos", torch.full(shape[:3], -1, dtype=torch.long), persistent=False)
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
-        self.debug_attention_loss = debug_attention_loss
-        if debug_attention_loss:  # a shadow full cache of keys, to measure the attention mass eviction loses
-            self.register_buffer("shadow_k", torch.zeros(batch_size, n_kv_heads, self.max_seq_length, head_dim,
-                                                         dtype=dtype), persistent=False)
-            # shape (1,): a compiled in-place add into a 0-dim float64 buffer was silently dropped (torch 2.13)
-            self.register_buffer("lost_mass", torch.zeros(1, dtype=torch.float64), persistent=False)
-            self.register_buffer("lost_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def policy_buffers(self):
-        """Names of per-slot policy state (scores, hashes) that is reset with the cache."""
-        return []
-
-    def reset(self):
-        for name in self.kv_buffer_names():
-            getattr(self, name).zero_()
-        self.pos.fill_(-1)
-        self.seen.zero_()
-        for name in self.policy_buffers():
-            getattr(self, name).zero_()
-        if self.debug_attention_loss:
-            self.shadow_k.zero_()
-            self.lost_mass.zero_()
-            self.lost_steps.zero_()
-
-    # -- prefill -------------------------------------------------------------------------------------------
-    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
-        """Store the prompt's rotated k, v [B, Hkv, T, D] (positions input_pos = 0..T-1); q [B, H, T, D]."""
-        T, C = k.shape[2], self.kv_budget
-        if T <= C:
-            keep = None
-            self.write_slots(torch.arange(T, device=k.device).expand(*k.shape[:2], T), k, v)
-            self.pos[:, :, :T] = input_pos
-        else:
-            keep = self.compress_prompt(k, q)  # [B, Hkv, C] kept positions, increasing
-            idx = keep.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
-            self.write_slots(torch.arange(C, device=k.device).expand_as(keep), k.gather(2, idx), v.gather(2, idx))
-            self.pos.copy_(keep)
-        self.seen.fill_(T)
-        if self.debug_attention_loss:
-            self.shadow_k[:, :, :T] = k
-        self.after_prefill(k, q, keep)
-
-    def after_prefill(self, k: Tensor, q: Tensor, keep):
-        """Seed per-slot state from the prompt (keep: the kept positions, or None when all were kept)."""
-
-    def compress_prompt(self, k: Tensor, q: Tensor) -> Tensor:
-        """Pick kv_budget prompt positions per KV head: protected ones first, then the highest scores."""
-        B, Hkv, T, _ = k.shape
-        C, G = self.kv_budget, self.global_tokens
-        name = self.prompt_compressor
-        positions = torch.arange(T, device=k.device).expand(B, Hkv, T)
-        recent = self.recent_window
-        if name == "recent_global":
-            score, recent = positions.float(), C - G
-        elif name == "random":
-            score = hash_uniform(positions, 0, self.layer_idx)  # the same draw alone or batched
-        elif name == "l2":
-            score = -k.float().norm(dim=-1)  # keep the low-norm keys
-        elif name == "keep_it_odd":
-            score = (positions % 2 == 1).float() * T + positions  # odd positions first, newest first
-        elif name == "heavy_hitter":
-            score, recent = snapkv_scores(q, k, self.observation_window, self.pooling_kernel), self.observation_window
-        else:
-            raise ValueError(f"unknown prompt compressor {name!r}")
-        protected = (positions < G) | (positions >= T - recent)
-        if int(protected[0, 0].sum()) > C:
-            raise ValueError(f"prompt compressor {name!r} must keep {int(protected[0, 0].sum())} tokens "
-                             f"(sinks + window) but the budget is {C} slots; lower --observation_window")
-        score = score.masked_fill(protected, float("inf"))
-        # Ties go to the lower position: a tiny position penalty keeps topk deterministic.
-        keep = torch.topk(score.double() - positions * 1e-9, C, dim=-1).indices
-        return keep.sort(dim=-1).values
-
-    # -- decode --------------------------------------------------------------------------------------------
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
-        """Insert one token (k, v [B, Hkv, 1, D] at position input_pos [1]); q [B, H, 1, D].
-
-        Returns q, k, v, mask for attention (q and k rotated by rank in position_mode "cache")."""
-        slot = self.choose_slot(input_pos, k, q)  # [B, Hkv]
-        self.write_slots(slot[:, :, None], k, v)
-        self.pos.scatter_(2, slot[:, :, None], input_pos.view(-1, 1, 1).expand(slot.shape[0], slot.shape[1], 1))
-        self.seen.add_(1)
-        self.after_insert(slot, input_pos, k, q)
-        if self.debug_attention_loss:
-            self.shadow_k.index_copy_(2, input_pos, k)
-            self.measure_lost_attention(input_pos, q)
-        mask = (self.pos >= 0).unsqueeze(2)
-        if self.cache_bits:  # attend() reads the quantized buffers directly
-            return q, None, None, mask
-        if self.rotates_keys:
-            return (*self.rotate_by_rank(q, self.k), self.v, mask)
-        return q, self.k, self.v, mask
-
-    def decode(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
-        """One decode token through the cache: insert it (evicting per the policy), attend, record attention."""
-        q_att, k_all, v_all, mask = self.update(input_pos, k, v, q)
-        y, probs = self.attend(q_att, k_all, v_all, mask)
-        if probs is not None:
-            self.record_attention(probs)
-        return y
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor):
-        """Decode attention over the cache; returns y and (when needs_attention) the probabilities."""
-        if k is None:
-            k, v = self.quant.dequantize(self.k_codes, self.k_scale, self.k_zero), \
-                self.quant.dequantize(self.v_codes, self.v_scale, self.v_zero)
-            if self.rotates_keys:
-                q, k = self.rotate_by_rank(q, k)
-            return fused_attention(q, k.to(q.dtype), v.to(q.dtype), mask, self.needs_attention)
-        return attention(q, k, v, mask, need_probs=self.needs_attention)
-
-    # -- storage (full precision or quantized) ---------------------------------------------------------------
-    def kv_buffer_names(self):
-        if self.cache_bits:
-            return [f"{n}_{part}" for n in ("k", "v") for part in ("codes", "scale", "zero")]
-        return ["k", "v"]
-
-    def write_slots(self, index: Tensor, k: Tensor, v: Tensor):
+    def write(self, index: Tensor, k: Tensor, v: Tensor):
         """Store k, v [B, Hkv, n, D] into the slots index [B, Hkv, n]."""
-        if not self.cache_bits:
-            idx = index.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
-            self.k.scatter_(2, idx, k.to(self.k.dtype))
-            self.v.scatter_(2, idx, v.to(self.v.dtype))
-            return
+        idx = index.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+        self.k.scatter_(2, idx, k.to(self.k.dtype))
+        self.v.scatter_(2, idx, v.to(self.v.dtype))
+
+    def keys(self) -> Tensor:
+        return self.k
+
+    def values(self) -> Tensor:
+        return self.v
+
+    @staticmethod
+    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, need_probs: bool):
+        return attention(q, k, v, mask, need_probs=need_probs)
+
+
+class QuantizedKVStore(nn.Module):
+    """K/V slots quantized per token and group of channels (KVQuantizer); keys() and values() dequantize
+    elementwise, so under torch.compile they fuse into the attention reductions reading them."""
+
+    def __init__(self, shape: tuple, dtype, bits: int, group_size: int):
+        super().__init__()
+        head_dim = shape[-1]
+        self.quant = KVQuantizer(bits, group_size or head_dim, head_dim)
+        self.dtype = dtype
+        for name in ("k", "v"):  # codes packed in bytes, one scale and zero per token and group
+            self.register_buffer(f"{name}_codes", torch.zeros(*shape[:3], self.quant.code_bytes, dtype=torch.uint8),
+                                 persistent=False)
+            self.register_buffer(f"{name}_scale", torch.zeros(*shape[:3], self.quant.n_groups, dtype=dtype),
+                                 persistent=False)
+            self.register_buffer(f"{name}_zero", torch.zeros(*shape[:3], self.quant.n_groups, dtype=dtype),
+                                 persistent=False)
+
+    def write(self, index: Tensor, k: Tensor, v: Tensor):
         for name, x in (("k", k), ("v", v)):
             for part, t in zip(("codes", "scale", "zero"), self.quant.quantize(x)):
                 buf = getattr(self, f"{name}_{part}")
                 buf.scatter_(2, index.unsqueeze(-1).expand(-1, -1, -1, buf.shape[-1]), t.to(buf.dtype))
 
     def keys(self) -> Tensor:
-        """The cached keys in full precision (dequantized when stored quantized); for policy bookkeeping."""
-        if self.cache_bits:
-            return self.quant.dequantize(self.k_codes, self.k_scale, self.k_zero).to(self.kv_dtype)
-        return self.k
+        return self.quant.dequantize(self.k_codes, self.k_scale, self.k_zero).to(self.dtype)
 
     def values(self) -> Tensor:
-        if self.cache_bits:
-            return self.quant.dequantize(self.v_codes, self.v_scale, self.v_zero).to(self.kv_dtype)
-        return self.v
+        return self.quant.dequantize(self.v_codes, self.v_scale, self.v_zero).to(self.dtype)
 
-    def rotate_by_rank(self, q: Tensor, k: Tensor):
-        """StreamingLLM's position shift: each key is rotated at its rank among the cached positions and the
-        query at the rank of the newest token, so positions never exceed the cache length."""
-        B, Hkv, C = self.pos.shape
-        occupied = self.pos >= 0
-        order = self.pos.masked_fill(~occupied, torch.iinfo(torch.long).max).argsort(dim=-1)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(C, device=order.device).expand(B, Hkv, C))
-        k = apply_rope(k, self.rope_cos[rank], self.rope_sin[rank])
-        q_rank = (occupied.sum(-1) - 1).repeat_interleave(q.shape[1] // Hkv, dim=1)  # [B, H]
-        q = apply_rope(q, self.rope_cos[q_rank].unsqueeze(2), self.rope_sin[q_rank].unsqueeze(2))
-        return q, k
-
-    def choose_slot(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
-        score = self.score(input_pos, k, q).float()
-        pos = self.pos
-        protected = (pos < self.global_tokens) | (pos >= input_pos.view(-1, 1, 1) - self.recent_window)
-        score = score.masked_fill(protected, float("inf")).masked_fill(pos < 0, float("-inf"))
-        return score.argmin(dim=-1)  # the first minimum: empty slots in order, then the lowest slot on ties
-
-    def score(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def after_insert(self, slot: Tensor, input_pos: Tensor, k: Tensor, q: Tensor):
-        """Per-slot state (scores, hashes) of the new token."""
-
-    def record_attention(self, probs: Tensor):
-        """probs [B, Hkv, G, 1, C]: this step's attention (policies with needs_attention)."""
-
-    def set_tokens(self, idx: Tensor, prefill: bool):
-        """idx [B, T]: the token ids of this forward (policies with needs_tokens)."""
-
-    def select_token(self, t: int):
-        """A multi-token decode step is about to insert its t-th token (policies with needs_tokens)."""
-
-    def measure_lost_attention(self, input_pos: Tensor, q: Tensor):
-        """Attention mass that full attention would put on tokens this cache no longer holds."""
-        B, H, _, D = q.shape
-        Hkv = self.shadow_k.shape[1]
-        qf = q.float().reshape(B, Hkv, H // Hkv, D)
-        scores = qf @ self.shadow_k.float().transpose(-1, -2) / math.sqrt(D)  # [B, Hkv, G, S]
-        S = scores.shape[-1]
-        visible = torch.arange(S, device=q.device) <= input_pos
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        held = torch.zeros(B, Hkv, S + 1, device=q.device).scatter_(2, self.pos.clamp(min=-1) + 1, 1.0)[..., 1:]
-        self.lost_mass.add_((probs * (1 - held).unsqueeze(2)).sum(-1).mean().double())
-        self.lost_steps.add_(1)
-
-    # -- statistics ----------------------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        """Bytes this cache really holds: K/V, positions and per-slot policy state (not the debug shadow)."""
-        skip = {"shadow_k", "lost_mass", "lost_steps"}
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n not in skip)
-
-    def kept(self) -> int:
-        return int((self.pos >= 0).sum())
+    @staticmethod
+    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, need_probs: bool):
+        return fused_attention(q, k.to(q.dtype), v.to(q.dtype), mask, need_probs)
 
 
 class KVQuantizer:
@@ -311,6 +218,268 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, need_probs: b
     return y.reshape(B, H, 1, D).to(q.dtype), (probs.unsqueeze(3) if need_probs else None)
 
 
+class AttentionLossMeter(nn.Module):
+    """--debug_attention_loss: a shadow full cache of the keys (rotated at their absolute positions), to measure
+    the attention mass full attention would put on tokens the cache no longer holds. Every policy gets it from
+    the base class; its memory is not counted as the cache's."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_length: int, head_dim: int, dtype):
+        super().__init__()
+        self.register_buffer("shadow_k", torch.zeros(batch_size, n_kv_heads, max_seq_length, head_dim, dtype=dtype),
+                             persistent=False)
+        # shape (1,): a compiled in-place add into a 0-dim float64 buffer was silently dropped (torch 2.13)
+        self.register_buffer("lost_mass", torch.zeros(1, dtype=torch.float64), persistent=False)
+        self.register_buffer("lost_steps", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def prefill(self, k: Tensor):
+        self.shadow_k[:, :, :k.shape[2]] = k
+
+    def observe(self, input_pos: Tensor, k: Tensor, q: Tensor, pos: Tensor):
+        """One decode token (k [B, Hkv, 1, D], q [B, H, 1, D], rotated) against the cache's positions pos."""
+        self.shadow_k.index_copy_(2, input_pos, k)
+        B, H, _, D = q.shape
+        Hkv = self.shadow_k.shape[1]
+        qf = q.float().reshape(B, Hkv, H // Hkv, D)
+        scores = qf @ self.shadow_k.float().transpose(-1, -2) / math.sqrt(D)  # [B, Hkv, G, S]
+        S = scores.shape[-1]
+        visible = torch.arange(S, device=q.device) <= input_pos
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        held = torch.zeros(B, Hkv, S + 1, device=q.device).scatter_(2, pos.clamp(min=-1) + 1, 1.0)[..., 1:]
+        self.lost_mass.add_((probs * (1 - held).unsqueeze(2)).sum(-1).mean().double())
+        self.lost_steps.add_(1)
+
+    def value(self) -> float:
+        return float(self.lost_mass / self.lost_steps.clamp(min=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The base class
+# ---------------------------------------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    hyperparams = {}  # name -> Param: the policy's own knobs
+    needs_attention = False  # True: each decode step's attention probabilities go to record_attention
+    needs_tokens = False  # True: set_tokens gets the token ids (policies.setup installs token tables)
+    default_prompt_compressor = "recent_global"
+    default_position_mode = "absolute"
+
+    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype, *,
+                 max_seq_length: int = None, layer_idx: int = 0, n_layers: int = 1, **kw):
+        super().__init__()
+        engine = {name: kw.pop(name) for name in list(kw) if name in CACHE_PARAMS}
+        engine = check_params(CACHE_PARAMS, engine)
+        for name, value in check_params(self.hyperparams, kw, type(self).__name__).items():
+            setattr(self, name, value)
+        self.global_tokens, self.recent_window = engine["global_tokens"], engine["recent_window"]
+        self.observation_window, self.pooling_kernel = engine["observation_window"], engine["pooling_kernel"]
+        self.prompt_compressor = engine["prompt_compression_strategy"] or self.default_prompt_compressor
+        self.position_mode = engine["position_mode"] or self.default_position_mode
+        self.rotates_keys = self.position_mode == "cache"  # keys stored un-rotated, rotated by rank at each step
+        self.cache_bits, self.debug_attention_loss = engine["cache_bits"], engine["debug_attention_loss"]
+        self.rope_cos = self.rope_sin = None  # RoPE tables, from set_rope (the model's)
+        self.kv_budget = kv_budget
+        self.max_seq_length = max_seq_length or kv_budget  # longest sequence the run may reach
+        self.layer_idx, self.n_layers = layer_idx, n_layers
+        self.kv_dtype, self.head_dim = dtype, head_dim
+        shape = (batch_size, n_kv_heads, kv_budget, head_dim)
+        self.store = KVStore(shape, dtype) if not self.cache_bits else \
+            QuantizedKVStore(shape, dtype, self.cache_bits, engine["cache_group_size"])
+        self.register_buffer("pos", torch.full(shape[:3], -1, dtype=torch.long), persistent=False)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
+        self.loss_meter = AttentionLossMeter(batch_size, n_kv_heads, self.max_seq_length, head_dim, dtype) \
+            if self.debug_attention_loss else None
+
+    def policy_buffers(self):
+        """Names of per-slot policy state (scores, hashes) that is reset with the cache."""
+        return []
+
+    def reset(self):
+        for buf in self.store.buffers():
+            buf.zero_()
+        self.pos.fill_(-1)
+        self.seen.zero_()
+        for name in self.policy_buffers():
+            getattr(self, name).zero_()
+        if self.loss_meter is not None:
+            for buf in self.loss_meter.buffers():
+                buf.zero_()
+
+    # -- the model's interface -------------------------------------------------------------------------------
+    def set_rope(self, cos: Tensor, sin: Tensor):
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def set_tokens(self, idx: Tensor, prefill: bool, row: int = None):
+        """idx [B, T]: the token ids of this forward (used by policies with needs_tokens)."""
+
+    def select_token(self, t: int):
+        """A multi-token decode step is about to insert its t-th token (policies with needs_tokens)."""
+
+    def sequences(self) -> list:
+        """The single-sequence caches behind this one (itself; a SequenceBatch has one per sequence)."""
+        return [self]
+
+    def rope(self, x: Tensor, input_pos: Tensor) -> Tensor:
+        """x [B, H, T, D] rotated at positions input_pos [T]; unchanged without tables (already positioned)."""
+        if self.rope_cos is None:
+            return x
+        return apply_rope(x, self.rope_cos[input_pos], self.rope_sin[input_pos])
+
+    # -- prefill -------------------------------------------------------------------------------------------
+    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None):
+        """Store the prompt: un-rotated k, v [B, Hkv, T, D] and q [B, H, T, D] at positions input_pos = 0..T-1.
+        row: which sequence of a batch of caches (a single cache holds one; None or 0)."""
+        if row not in (None, 0):
+            raise ValueError(f"a single cache has no sequence {row}")
+        T = k.shape[2]
+        k_rot, q_rot = self.rope(k, input_pos), self.rope(q, input_pos)
+        keep = self.prompt_keep(k_rot, q_rot)
+        self.write_prompt(input_pos, k if self.rotates_keys else k_rot, v, keep)
+        self.seen.fill_(T)
+        if self.loss_meter is not None:
+            self.loss_meter.prefill(k_rot)
+        self.after_prefill(k_rot, q_rot, keep)
+
+    def prompt_keep(self, k: Tensor, q: Tensor):
+        """The prompt positions to keep: None (all of them, T <= budget) or [B, Hkv, n <= C] increasing.
+        k, q rotated at their positions. Policies with their own prompt rule override this."""
+        return None if k.shape[2] <= self.kv_budget else self.compress_prompt(k, q)
+
+    def write_prompt(self, input_pos: Tensor, k: Tensor, v: Tensor, keep):
+        """Writes the kept prompt tokens (k in its stored form) into slots 0..n-1, in position order."""
+        B, Hkv, T, D = k.shape
+        if keep is None:
+            self.store.write(torch.arange(T, device=k.device).expand(B, Hkv, T), k, v)
+            self.pos[:, :, :T] = input_pos
+            self.pos[:, :, T:] = -1
+            return
+        n = keep.shape[-1]
+        idx = keep.unsqueeze(-1).expand(-1, -1, -1, D)
+        self.store.write(torch.arange(n, device=k.device).expand_as(keep), k.gather(2, idx), v.gather(2, idx))
+        self.pos[:, :, :n] = keep
+        self.pos[:, :, n:] = -1
+
+    def after_prefill(self, k: Tensor, q: Tensor, keep):
+        """Seed per-slot state from the prompt (k, q rotated; keep: the kept positions, or None when all were)."""
+
+    def compress_prompt(self, k: Tensor, q: Tensor) -> Tensor:
+        """Pick kv_budget prompt positions per KV head: protected ones first, then the highest scores."""
+        B, Hkv, T, _ = k.shape
+        C, G = self.kv_budget, self.global_tokens
+        name = self.prompt_compressor
+        positions = torch.arange(T, device=k.device).expand(B, Hkv, T)
+        recent = self.recent_window
+        if name == "recent_global":
+            score, recent = positions.float(), C - G
+        elif name == "random":
+            score = hash_uniform(positions, 0, self.layer_idx)  # the same draw alone or batched
+        elif name == "l2":
+            score = -k.float().norm(dim=-1)  # keep the low-norm keys
+        elif name == "keep_it_odd":
+            score = (positions % 2 == 1).float() * T + positions  # odd positions first, newest first
+        elif name == "heavy_hitter":
+            score, recent = snapkv_scores(q, k, self.observation_window, self.pooling_kernel), self.observation_window
+        else:
+            raise ValueError(f"unknown prompt compressor {name!r}")
+        protected = (positions < G) | (positions >= T - recent)
+        if int(protected[0, 0].sum()) > C:
+            raise ValueError(f"prompt compressor {name!r} must keep {int(protected[0, 0].sum())} tokens "
+                             f"(sinks + window) but the budget is {C} slots; lower --observation_window")
+        score = score.masked_fill(protected, float("inf"))
+        # Ties go to the lower position: a tiny position penalty keeps topk deterministic.
+        keep = torch.topk(score.double() - positions * 1e-9, C, dim=-1).indices
+        return keep.sort(dim=-1).values
+
+    # -- decode --------------------------------------------------------------------------------------------
+    def decode(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
+        """T >= 1 new tokens (un-rotated k, v [B, Hkv, T, D], q [B, H, T, D] at positions input_pos [T]). T > 1
+        (speculative verification) inserts and attends token by token, so the cache passes through the same
+        states as in T single steps."""
+        ys = []
+        for t in range(k.shape[2]):
+            self.select_token(t)
+            ys.append(self.decode_token(input_pos[..., t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                        q[:, :, t:t + 1]))
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
+
+    def decode_token(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
+        """One token through the cache: insert it (evicting per the policy), attend, record attention."""
+        q_att, k_all, v_all, mask = self.update(input_pos, k, v, q)
+        y, probs = self.attend(q_att, k_all, v_all, mask)
+        if probs is not None:
+            self.record_attention(probs)
+        return y
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor):
+        """Decode attention over the cache; returns y and (when needs_attention) the probabilities."""
+        return self.store.attend(q, k, v, mask, self.needs_attention)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
+        """Insert one token (un-rotated k, v [B, Hkv, 1, D], q [B, H, 1, D] at position input_pos [1]).
+
+        Returns q, k, v, mask for attention (q and k rotated by rank in position_mode "cache")."""
+        k_rot, q_rot = self.rope(k, input_pos), self.rope(q, input_pos)
+        k_in, q_in = (k, q) if self.rotates_keys else (k_rot, q_rot)
+        slot = self.choose_slot(input_pos, k_in, q_in)  # [B, Hkv]
+        self.store.write(slot[:, :, None], k_in, v)
+        self.pos.scatter_(2, slot[:, :, None], input_pos.view(-1, 1, 1).expand(slot.shape[0], slot.shape[1], 1))
+        self.seen.add_(1)
+        self.after_insert(slot, input_pos, k_in, q_in)
+        if self.loss_meter is not None:
+            self.loss_meter.observe(input_pos, k_rot, q_rot, self.pos)
+        mask = self.attention_mask(input_pos)
+        keys, values = self.store.keys(), self.store.values()
+        if self.rotates_keys:
+            q_in, keys = self.rotate_by_rank(q_in, keys)
+        return q_in, keys, values, mask
+
+    def attention_mask(self, input_pos: Tensor) -> Tensor:
+        """[B, Hkv, 1, C]: the slots the new token attends to (every occupied one)."""
+        return (self.pos >= 0).unsqueeze(2)
+
+    def rotate_by_rank(self, q: Tensor, k: Tensor):
+        """StreamingLLM's position shift: each key is rotated at its rank among the cached positions and the
+        query at the rank of the newest token, so positions never exceed the cache length."""
+        B, Hkv, C = self.pos.shape
+        occupied = self.pos >= 0
+        order = self.pos.masked_fill(~occupied, torch.iinfo(torch.long).max).argsort(dim=-1)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(C, device=order.device).expand(B, Hkv, C))
+        k = apply_rope(k, self.rope_cos[rank], self.rope_sin[rank])
+        q_rank = (occupied.sum(-1) - 1).repeat_interleave(q.shape[1] // Hkv, dim=1)  # [B, H]
+        q = apply_rope(q, self.rope_cos[q_rank].unsqueeze(2), self.rope_sin[q_rank].unsqueeze(2))
+        return q, k
+
+    def choose_slot(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
+        score = self.score(input_pos, k, q).float()
+        pos = self.pos
+        protected = (pos < self.global_tokens) | (pos >= input_pos.view(-1, 1, 1) - self.recent_window)
+        score = score.masked_fill(protected, float("inf")).masked_fill(pos < 0, float("-inf"))
+        return score.argmin(dim=-1)  # the first minimum: empty slots in order, then the lowest slot on ties
+
+    def score(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def after_insert(self, slot: Tensor, input_pos: Tensor, k: Tensor, q: Tensor):
+        """Per-slot state (scores, hashes) of the new token."""
+
+    def record_attention(self, probs: Tensor):
+        """probs [B, Hkv, G, 1, C]: this step's attention (policies with needs_attention)."""
+
+    # -- storage and statistics ----------------------------------------------------------------------------
+    def keys(self) -> Tensor:
+        """The cached keys in full precision (dequantized when stored quantized), in their stored form."""
+        return self.store.keys()
+
+    def values(self) -> Tensor:
+        return self.store.values()
+
+    def nbytes(self) -> int:
+        """Bytes this cache really holds: K/V, positions and per-slot policy state (not the debug shadow)."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers()
+                   if not n.startswith("loss_meter."))
+
+    def kept(self) -> int:
+        return int((self.pos >= 0).sum())
+
+
 def snapkv_scores(q: Tensor, k: Tensor, window: int, kernel: int) -> Tensor:
     """SnapKV: attention of the last `window` prompt queries to each key (mean over window and GQA group),
     smoothed by 1-D average pooling. q [B, H, T, D], k [B, Hkv, T, D] -> [B, Hkv, T]."""
@@ -340,16 +509,6 @@ def prompt_attention_columns(q: Tensor, k: Tensor, chunk: int = 256):
         yield s, scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Policies
-# ---------------------------------------------------------------------------------------------------------------
-class FullCache(KVCache):
-    """Never evicts: slot = position; the buffer holds prompt + max_new_tokens."""
-
-    def choose_slot(self, input_pos, k, q):
-        return input_pos.view(-1, 1).expand(self.pos.shape[0], self.pos.shape[1])
-
-
 def hash_uniform(a: Tensor, b: Tensor, c: int) -> Tensor:
     """A uniform [0, 1) draw per (a, b, c), from integer hashing (two Park-Miller steps; no overflow in int64).
     Random eviction uses it instead of a random generator, so a sequence evicts the same slots whether it
@@ -361,9 +520,18 @@ def hash_uniform(a: Tensor, b: Tensor, c: int) -> Tensor:
     return x.double() / m
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Policies
+# ---------------------------------------------------------------------------------------------------------------
+class FullCache(KVCache):
+    """Never evicts: slot = position; the buffer holds prompt + max_new_tokens."""
+
+    def choose_slot(self, input_pos, k, q):
+        return input_pos.view(-1, 1).expand(self.pos.shape[0], self.pos.shape[1])
+
+
 class RandomCache(KVCache):
     """Evicts a random unprotected slot: one draw per (layer, step, slot), shared by the KV heads."""
-    default_prompt_compressor = "recent_global"
 
     def score(self, input_pos, k, q):
         B, Hkv, C = self.pos.shape
@@ -408,8 +576,9 @@ class L2Cache(KVCache):
 class HeavyHitterCache(KVCache):
     """H2O / Scissorhands: evicts the slot with the least average attention over the steps it was visible."""
     hyperparams = {
-        "history_window_size": (int, 0, "heavy_hitter: 0 = full history; W > 0 = average over the last W steps"),
-        "attn_thresholding": (bool, False, "heavy_hitter: a step counts 1 if attention >= 1/occupied, else 0"),
+        "history_window_size": Param(int, 0, "heavy_hitter: 0 = full history; W > 0 = average over the last W "
+                                             "steps", min=0),
+        "attn_thresholding": Param(bool, False, "heavy_hitter: a step counts 1 if attention >= 1/occupied, else 0"),
     }
     needs_attention = True
     default_prompt_compressor = "heavy_hitter"
@@ -445,7 +614,7 @@ class HeavyHitterCache(KVCache):
     @torch.compiler.disable  # a Python loop over prompt chunks: compiled, it would recompile per prompt length
     def after_prefill(self, k, q, keep):
         """Each prompt query counts as one step (with a window: only the last W queries)."""
-        T, C, W = k.shape[2], self.kv_budget, self.history_window_size
+        T, W = k.shape[2], self.history_window_size
         first = max(0, T - W) if W else 0
         key_pos = torch.arange(T, device=k.device)
         sums, counts, rows_kept = 0, 0, []
@@ -491,17 +660,15 @@ class LSHCache(KVCache):
     hash is farthest in Hamming distance from the incoming key (or the group's queries) is evicted.
     Needs no attention probabilities, so attention stays on the fused path."""
     hyperparams = {
-        "lsh_dim": (int, 16, "lsh: hash bits per key (1..64); stored packed, ceil(lsh_dim/8) bytes per token and head"),
-        "lsh_source": (str, "key", "lsh: hash the incoming key (authors' code) or the query (paper; summed over GQA)"),
-        "lsh_seed": (int, 0, "lsh: seed of the per-layer random projections"),
+        "lsh_dim": Param(int, 16, "lsh: hash bits per key; stored packed, ceil(lsh_dim/8) bytes per token and head",
+                         min=1, max=64),
+        "lsh_source": Param(str, "key", "lsh: hash the incoming key (authors' code) or the query (paper; summed "
+                                        "over GQA)", choices=("key", "query")),
+        "lsh_seed": Param(int, 0, "lsh: seed of the per-layer random projections", min=0),
     }
 
     def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
         super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
-        if not 1 <= self.lsh_dim <= 64:
-            raise ValueError(f"--lsh_dim must be in 1..64, got {self.lsh_dim}")
-        if self.lsh_source not in ("key", "query"):
-            raise ValueError(f"--lsh_source must be key or query, got {self.lsh_source!r}")
         g = torch.Generator().manual_seed(self.lsh_seed * 100003 + self.layer_idx)
         self.register_buffer("proj", torch.randn(head_dim, self.lsh_dim, generator=g), persistent=False)
         n_bytes = (self.lsh_dim + 7) // 8
@@ -542,7 +709,7 @@ class LSHCache(KVCache):
 
 def sink_recent_keep(T: int, sink_tokens: int, recent_tokens: int, middle_strategy: str, middle_budget_tokens: int,
                      uniform_stride: int, block_n: int) -> list:
-    """keep(T) of ALGORITHMS.md: sinks, the recent window, and whole middle blocks (aligned to position 0)."""
+    """keep(T) (docs/algorithms.md): sinks, the recent window, and whole middle blocks (aligned to position 0)."""
     sink, recent = sink_tokens, recent_tokens
     if T <= sink + recent:
         return list(range(T))
@@ -568,12 +735,13 @@ class SinkRecentCache(KVCache):
     sink + recent + middle, where the middle chosen at prefill stays and the token leaving the recent window
     joins it only while there is room (else it is evicted). Content-independent."""
     hyperparams = {
-        "sink_tokens": (int, 256, "sink_recent/merge_pyramid: first tokens always kept (sink_recent 256, merge_pyramid 4)"),
-        "recent_tokens": (int, 512, "sink_recent: most recent tokens kept"),
-        "middle_strategy": (str, "none", "sink_recent: none | uniform"),
-        "middle_budget_tokens": (int, 0, "sink_recent: tokens of uniformly spread middle blocks"),
-        "uniform_stride": (int, 0, "sink_recent: keep every s-th middle block (overrides the budget)"),
-        "block_n": (int, 128, "sink_recent: block size of the middle selection"),
+        "sink_tokens": Param(int, 256, "sink_recent/merge_pyramid: first tokens always kept (sink_recent 256, "
+                                       "merge_pyramid 4)", min=0),
+        "recent_tokens": Param(int, 512, "sink_recent: most recent tokens kept", min=1),
+        "middle_strategy": Param(str, "none", "sink_recent: none | uniform", choices=("none", "uniform")),
+        "middle_budget_tokens": Param(int, 0, "sink_recent: tokens of uniformly spread middle blocks", min=0),
+        "uniform_stride": Param(int, 0, "sink_recent: keep every s-th middle block (overrides the budget)", min=0),
+        "block_n": Param(int, 128, "sink_recent: block size of the middle selection", min=1),
     }
 
     @classmethod
@@ -592,214 +760,24 @@ class SinkRecentCache(KVCache):
 
     def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
         super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
-        if self.middle_strategy not in ("none", "uniform"):
-            raise ValueError(f"--middle_strategy must be none or uniform, got {self.middle_strategy!r}")
-        if min(self.sink_tokens, self.uniform_stride, self.middle_budget_tokens) < 0 or self.recent_tokens < 1 \
-                or self.block_n < 1:
-            raise ValueError("sink_recent needs --sink_tokens >= 0, --recent_tokens >= 1, --block_n >= 1")
         # The recent window counts the new token: protect the recent_tokens - 1 before it.
         self.global_tokens, self.recent_window = self.sink_tokens, self.recent_tokens - 1
 
     @torch.compiler.disable  # keep(T) is computed on the host: compiled, it would recompile per prompt length
-    def prefill(self, input_pos, k, v, q):
-        T = k.shape[2]
+    def prompt_keep(self, k, q):
+        B, Hkv, T, _ = k.shape
         keep = sink_recent_keep(T, **{name: getattr(self, name) for name in self.hyperparams})
-        n = len(keep)
-        if n > self.kv_budget:
-            raise ValueError(f"sink_recent keeps {n} prompt tokens but the budget is {self.kv_budget}")
-        idx = torch.tensor(keep, device=k.device)
-        self.write_slots(torch.arange(n, device=k.device).expand(*k.shape[:2], n), k[:, :, idx], v[:, :, idx])
-        self.pos[:, :, :n] = idx
-        self.seen.fill_(T)
+        if len(keep) > self.kv_budget:
+            raise ValueError(f"sink_recent keeps {len(keep)} prompt tokens but the budget is {self.kv_budget}")
+        return torch.tensor(keep, device=k.device).expand(B, Hkv, len(keep))
 
     def score(self, input_pos, k, q):
         return -self.pos.float()  # the newest unprotected token (the one leaving the window) goes
 
 
-POLICIES = {
-    "full": FullCache,
-    "random": RandomCache,
-    "recent_global": RecentGlobalCache,
-    "l2": L2Cache,
-    "heavy_hitter": HeavyHitterCache,
-    "keep_it_odd": KeepItOddCache,
-    "lsh": LSHCache,
-    "sink_recent": SinkRecentCache,
-}
-PROMPT_COMPRESSORS = ["recent_global", "random", "l2", "heavy_hitter", "keep_it_odd"]
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Command line, configs and set-up, shared by generate.py, eval.py and benchmark.py
+# A batch of sequences, and statistics
 # ---------------------------------------------------------------------------------------------------------------
-def add_cache_args(p):
-    g = p.add_argument_group("KV cache (see cache_configs/ and ../shared/ALGORITHMS.md)")
-    g.add_argument("--cache_config", default=None,
-                   help="load cache_configs/NAME.yaml; flags given on the command line override it")
-    g.add_argument("--cache_strategy", nargs="+", default=["full"], help=f"one or more of: {', '.join(POLICIES)}")
-    g.add_argument("--cache_strategy_pattern", default="tile", choices=["tile", "repeat"],
-                   help="how several strategies are laid over the layers: tile a..ab..b, repeat abab")
-    g.add_argument("--max_cache_length", nargs="+", type=float, default=[1.0],
-                   help="slots per layer: a fraction (<= 1) of prompt + max_new_tokens, or a token count")
-    g.add_argument("--cache_length_pattern", default="tile", choices=["tile", "repeat", "pyramid", "funnel"],
-                   help="how several lengths are laid over the layers; pyramid/funnel: PyramidKV's linear schedule")
-    g.add_argument("--pyramid_beta", type=float, default=20.0,
-                   help="pyramid/funnel steepness (PyramidKV's beta): the smallest layer gets average / beta")
-    g.add_argument("--global_tokens", type=int, default=4, help="sink tokens never evicted")
-    g.add_argument("--recent_window", type=int, default=10, help="most recent tokens never evicted")
-    g.add_argument("--prompt_compression_strategy", default=None,
-                   help=f"for prompts longer than the budget: {', '.join(PROMPT_COMPRESSORS)} "
-                        "(default: heavy_hitter for heavy_hitter, else recent_global)")
-    g.add_argument("--observation_window", type=int, default=16, help="SnapKV: last prompt queries scored")
-    g.add_argument("--pooling_kernel", type=int, default=5, help="SnapKV: 1-D pooling kernel over the scores")
-    g.add_argument("--feed_long_prompts", action="store_true",
-                   help="prefill budget-1 prompt tokens, then feed the rest through the decode step")
-    g.add_argument("--cache_bits", type=int, default=None, choices=[2, 4, 8],
-                   help="store K/V quantized (per token and group, min-max) with every policy")
-    g.add_argument("--cache_group_size", type=int, default=None,
-                   help="channels sharing one scale with --cache_bits (default: head_dim, i.e. per token)")
-    g.add_argument("--debug_attention_loss", action="store_true",
-                   help="keep a shadow full cache and report the attention mass evicted tokens would get")
-    g.add_argument("--position_mode", default=None, choices=["absolute", "cache"],
-                   help="RoPE positions of cached keys: absolute, or cache (rank in the cache, StreamingLLM's "
-                        "position shift); default: each policy's own (absolute for all but lacache)")
-    # Policy hyper-parameters; a flag left unset (None) lets each policy use its own default.
-    seen = set()
-    for cls in POLICIES.values():
-        for hp, (typ, default, help_) in cls.hyperparams.items():
-            if hp in seen:
-                continue
-            seen.add(hp)
-            if typ is bool:
-                g.add_argument(f"--{hp}", action="store_const", const=True, default=None, help=help_)
-            else:
-                g.add_argument(f"--{hp}", type=typ, default=None, help=f"{help_} (default {default})")
-
-
-def one_line_errors(parser):
-    """argparse prints its whole usage before an error; bad input gets one line here (and exit 2)."""
-    def error(message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    parser.error = error
-    return parser
-
-
-def parse_args(parser, argv=None):
-    """parse_args with --cache_config: the YAML's values become defaults, so command-line flags override them."""
-    import yaml
-
-    one_line_errors(parser)
-    pre, _ = parser.parse_known_args(argv)
-    if pre.cache_config:
-        path = Path(pre.cache_config)
-        if not path.suffix:
-            path = CONFIG_DIR / f"{pre.cache_config}.yaml"
-        if not path.exists():
-            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-            raise ValueError(f"unknown --cache_config {pre.cache_config!r}; shipped configs: {known}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}")
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must be a mapping of option: value")
-        actions = {a.dest: a for a in parser._actions}
-        bad = sorted(set(values) - set(actions))
-        if bad:
-            raise ValueError(f"{path}: unknown keys {bad}")
-        for key, value in values.items():  # the same type checks as on the command line
-            typ = actions[key].type
-            if typ is None or value is None:
-                continue
-            try:
-                values[key] = [typ(x) for x in value] if isinstance(value, list) else typ(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}: {key}: {value!r} is not a valid {typ.__name__}")
-            if isinstance(value, list) and actions[key].nargs is None:
-                raise ValueError(f"{path}: {key} takes one value, got a list")
-        for key in ("cache_strategy", "max_cache_length"):
-            if key in values and not isinstance(values[key], list):
-                values[key] = [values[key]]
-        parser.set_defaults(**values)
-    return parser.parse_args(argv)
-
-
-def layer_pattern(values: list, n_layers: int, pattern: str, what: str) -> list:
-    if n_layers % len(values):
-        raise ValueError(f"{len(values)} values of {what} do not divide the model's {n_layers} layers")
-    if pattern == "repeat":
-        return [values[i % len(values)] for i in range(n_layers)]
-    per = n_layers // len(values)
-    return [values[i // per] for i in range(n_layers)]
-
-
-def layer_budgets(args, n_layers: int, max_seq_length: int) -> list:
-    """Slots per layer from --max_cache_length and --cache_length_pattern, each capped at max_seq_length."""
-    def tokens(x):
-        return int(round(x * max_seq_length)) if x <= 1 else int(x)
-
-    lengths = [tokens(x) for x in args.max_cache_length]
-    if any(x < 1 for x in lengths):
-        raise ValueError(f"--max_cache_length {args.max_cache_length} gives an empty cache")
-    if args.cache_length_pattern in ("pyramid", "funnel"):
-        if len(lengths) != 1:
-            raise ValueError("--cache_length_pattern pyramid/funnel takes one --max_cache_length (the average)")
-        if args.pyramid_beta < 1:
-            raise ValueError(f"--pyramid_beta must be >= 1, got {args.pyramid_beta}")
-        avg = lengths[0]
-        low = avg / args.pyramid_beta  # PyramidKV: linear from 2*avg - low (layer 0) down to low
-        high = 2 * avg - low
-        step = (high - low) / max(n_layers - 1, 1)
-        budgets = [int(round(high - i * step)) for i in range(n_layers)]
-        if args.cache_length_pattern == "funnel":
-            budgets = budgets[::-1]
-    else:
-        budgets = layer_pattern(lengths, n_layers, args.cache_length_pattern, "--max_cache_length")
-    return [min(b, max_seq_length) for b in budgets]
-
-
-def build_caches(args, n_layers, n_kv_heads, head_dim, batch_size, max_seq_length, dtype, device,
-                 prompt_len: int = 0):
-    """One cache module per layer from the parsed arguments (validated: one clear error per mistake)."""
-    strategies = layer_pattern(args.cache_strategy, n_layers, args.cache_strategy_pattern, "--cache_strategy")
-    for s in set(strategies):
-        if s not in POLICIES:
-            raise ValueError(f"unknown --cache_strategy {s!r}; allowed: {', '.join(POLICIES)}")
-    pc = args.prompt_compression_strategy
-    if pc is not None and pc not in PROMPT_COMPRESSORS:
-        raise ValueError(f"unknown --prompt_compression_strategy {pc!r}; allowed: {', '.join(PROMPT_COMPRESSORS)}")
-    if pc is not None and args.feed_long_prompts:
-        raise ValueError("--prompt_compression_strategy and --feed_long_prompts are two ways to handle long "
-                         "prompts; choose one")
-    if args.global_tokens < 0 or args.recent_window < 0:
-        raise ValueError("--global_tokens and --recent_window must be >= 0")
-    budgets = layer_budgets(args, n_layers, max_seq_length)
-    caches = []
-    for i, (strategy, budget) in enumerate(zip(strategies, budgets)):
-        cls = POLICIES[strategy]
-        if cls is FullCache:
-            budget = max_seq_length
-        elif not hasattr(cls, "sized_budget") and budget < max_seq_length and budget < args.global_tokens + args.recent_window + 1:
-            raise ValueError(f"layer {i} gets a budget of {budget} slots, smaller than --global_tokens "
-                             f"({args.global_tokens}) + --recent_window ({args.recent_window}) + 1")
-        hp = {name: getattr(args, name) for name in cls.hyperparams if getattr(args, name, None) is not None}
-        if hasattr(cls, "sized_budget"):  # policies whose own flags set the budget
-            budget = cls.sized_budget(prompt_len, max_seq_length,
-                                      {n: hp.get(n, d) for n, (_, d, _) in cls.hyperparams.items()})
-        if args.position_mode is not None:
-            hp["position_mode"] = args.position_mode
-        with torch.device(device):
-            caches.append(cls(batch_size, n_kv_heads, head_dim, budget, dtype, max_seq_length=max_seq_length,
-                              global_tokens=args.global_tokens, recent_window=args.recent_window,
-                              prompt_compressor=pc, observation_window=args.observation_window,
-                              pooling_kernel=args.pooling_kernel, layer_idx=i, n_layers=n_layers,
-                              debug_attention_loss=args.debug_attention_loss, cache_bits=args.cache_bits,
-                              cache_group_size=args.cache_group_size, **hp))
-    return caches
-
-
 class SequenceBatch(nn.Module):
     """One layer's caches for a batch of sequences: one policy instance per sequence (its own static buffers,
     positions, counters and statistics), all preallocated once. Prefill fills one sequence (`row`) at a time, so
@@ -815,15 +793,24 @@ class SequenceBatch(nn.Module):
                      "debug_attention_loss", "layer_idx"):
             setattr(self, name, getattr(first, name))
 
+    def sequences(self) -> list:
+        return list(self.rows)
+
     def reset(self):
         for c in self.rows:
             c.reset()
 
-    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int):
+    def set_rope(self, cos: Tensor, sin: Tensor):
+        for c in self.rows:
+            c.set_rope(cos, sin)
+
+    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None):
+        if row is None:
+            raise ValueError("a batch of caches is prefilled one sequence at a time: give row")
         self.rows[row].prefill(input_pos, k, v, q)
 
     def decode(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
-        """input_pos [B, 1] (each sequence's position) or [1] (shared); k, v [B, Hkv, 1, D]; q [B, H, 1, D]."""
+        """input_pos [B, T] (each sequence's positions) or [T] (shared); k, v [B, Hkv, T, D]; q [B, H, T, D]."""
         per_seq = input_pos.dim() == 2
         return torch.cat([c.decode(input_pos[b] if per_seq else input_pos, k[b:b + 1], v[b:b + 1], q[b:b + 1])
                           for b, c in enumerate(self.rows)], dim=0)
@@ -835,14 +822,6 @@ class SequenceBatch(nn.Module):
             for b, c in enumerate(self.rows):
                 c.set_tokens(idx[b:b + 1], False)
 
-    def select_token(self, t: int):
-        for c in self.rows:
-            c.select_token(t)
-
-    def set_token_tables(self, *args, **kw):  # hybrid's vocabulary tables
-        for c in self.rows:
-            c.set_token_tables(*args, **kw)
-
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.rows)
 
@@ -850,34 +829,15 @@ class SequenceBatch(nn.Module):
         return sum(c.kept() for c in self.rows)
 
 
-def setup(model, args, batch_size: int, prompt_len: int, max_seq_length: int):
-    """Builds each layer's cache from the command-line arguments and installs it in the model. With
-    batch_size > 1 each layer gets a SequenceBatch of batch_size single-sequence caches (prompt_len: the
-    longest prompt)."""
-    cfg = model.config
-    w = model.tok_embeddings.weight
-
-    def build():
-        return build_caches(args, cfg.n_layer, cfg.n_local_heads, cfg.head_dim, 1, max_seq_length, w.dtype,
-                            w.device, prompt_len=prompt_len)
-
-    if batch_size == 1:
-        caches = build()
-    else:
-        per_seq = [build() for _ in range(batch_size)]
-        caches = [SequenceBatch([seq[i] for seq in per_seq]) for i in range(cfg.n_layer)]
-    model.setup_caches(max_seq_length, lambda i: caches[i])
-    return caches
-
-
 def sequence_caches(model, row: int) -> list:
-    """Sequence `row`'s cache in every layer (the model's own caches when it decodes one sequence)."""
-    return [c.rows[row] if isinstance(c, SequenceBatch) else c for c in model.caches]
+    """Sequence `row`'s cache in every layer."""
+    return [c.sequences()[row] for c in model.caches]
 
 
 def batch_size(model) -> int:
     c = model.caches[0]
-    return len(c.rows) if isinstance(c, SequenceBatch) else c.pos.shape[0]
+    rows = c.sequences()
+    return len(rows) if len(rows) > 1 else c.pos.shape[0]
 
 
 def prefill_budget(model) -> int:
@@ -888,7 +848,7 @@ def prefill_budget(model) -> int:
 def cache_stats(model, row: int = None) -> dict:
     """Statistics of the caches (with a batch: of sequence `row`, or per sequence under "sequences" with the
     totals of the whole batch's buffers)."""
-    if isinstance(model.caches[0], SequenceBatch) and row is None:
+    if len(model.caches[0].sequences()) > 1 and row is None:
         per_seq = [cache_stats(model, b) for b in range(batch_size(model))]
         total = {k: sum(s[k] for s in per_seq) for k in ("kv_cache_bytes", "full_kv_cache_bytes")}
         kept, seen = sum(s["kept_tokens"] for s in per_seq), sum(s["seen_tokens"] for s in per_seq)
@@ -903,8 +863,8 @@ def cache_stats(model, row: int = None) -> dict:
         kept = c.kept() / (b * h)
         layer = {"layer": i, "policy": type(c).__name__, "kv_budget": c.kv_budget, "kept_tokens": kept,
                  "compression_ratio": kept / seen if seen else 1.0, "kv_cache_bytes": c.nbytes()}
-        if c.debug_attention_loss:
-            layer["attention_loss"] = float(c.lost_mass / c.lost_steps.clamp(min=1))
+        if c.loss_meter is not None:
+            layer["attention_loss"] = c.loss_meter.value()
         layers.append(layer)
     kept = sum(x["kept_tokens"] for x in layers) / len(layers)
     elem = torch.empty((), dtype=caches[0].kv_dtype).element_size()
@@ -920,10 +880,3 @@ def cache_stats(model, row: int = None) -> dict:
     if losses:
         stats["attention_loss"] = sum(losses) / len(losses)
     return stats
-
-
-# The seed policies live in their own modules and register themselves in POLICIES at their end (a plain
-# import tolerates the cycle when one of them is imported first).
-import lacache  # noqa: E402,F401
-import merge_pyramid  # noqa: E402,F401
-import hybrid  # noqa: E402,F401

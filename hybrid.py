@@ -41,7 +41,7 @@ order (newest, or highest accumulated attention), ties to the lower position. (-
 does not apply to hybrid.)
 
 Token classes. The cache holds two boolean tables over the vocabulary, `special_ids` and `punct_ids`
-(constructor arguments, or installed by `set_token_classes(model, tokenizer)`); without tables no token is
+(constructor arguments, or installed by `policies.setup(..., tokenizer=...)`); without tables no token is
 special or punctuation. The model calls `set_tokens(idx, prefill)` before each forward; each slot stores its token's
 class bits (1 = special, 2 = punctuation). The tables are shared by the layers and are not counted in
 nbytes(); the per-slot state (class byte, frequent flag, attention sum and count) is.
@@ -49,17 +49,12 @@ nbytes(); the per-slot state (class byte, frequent flag, attention sum and count
 Plain-Python reference: tests/reference_hybrid.py.
 """
 import string
-import sys
 import unicodedata
 
-if "cache" not in sys.modules:  # imported before cache.py, whose last line imports this module to register it:
-    del sys.modules[__name__]  # let that import build (and register) the one complete copy, which the importer
-    import cache  # noqa: E402,F401  then receives from sys.modules; this half-run copy is discarded.
+import torch
+from torch import Tensor
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from cache import POLICIES, KVCache, prompt_attention_columns  # noqa: E402
+from cache import KVCache, Param, prompt_attention_columns
 
 HYBRID_POLICIES = ["special", "special_punct", "special_punct_local", "special_punct_local_frequent", "full"]
 SPECIAL, PUNCT = 1, 2  # class bits of a token
@@ -71,10 +66,12 @@ class HybridCache(KVCache):
     min_recovery_frac of the prompt's attention; decode follows it inside the fixed budget (module docstring).
     Heads whose choice is `full` behave like heavy_hitter once the budget is full."""
     hyperparams = {
-        "min_recovery_frac": (float, 0.95, "hybrid: a head takes the first candidate policy recovering this "
-                                           "fraction of its prompt attention"),
-        "hybrid_local_ratio": (float, 0.3, "hybrid: local window as a fraction of the prompt length"),
-        "hybrid_frequent_ratio": (float, 0.3, "hybrid: frequent (heavy-hitter) tokens as a fraction of the prompt"),
+        "min_recovery_frac": Param(float, 0.95, "hybrid: a head takes the first candidate policy recovering this "
+                                                "fraction of its prompt attention", above=0, max=1),
+        "hybrid_local_ratio": Param(float, 0.3, "hybrid: local window as a fraction of the prompt length", min=0,
+                                    max=1),
+        "hybrid_frequent_ratio": Param(float, 0.3, "hybrid: frequent (heavy-hitter) tokens as a fraction of the "
+                                                   "prompt", min=0, max=1),
     }
     needs_attention = True
     needs_tokens = True
@@ -82,11 +79,6 @@ class HybridCache(KVCache):
     def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, *, special_ids: Tensor = None,
                  punct_ids: Tensor = None, **kw):
         super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
-        for name in ("hybrid_local_ratio", "hybrid_frequent_ratio"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0 < self.min_recovery_frac:
-            raise ValueError(f"--min_recovery_frac must be > 0, got {self.min_recovery_frac}")
         if kv_budget <= self.global_tokens:
             raise ValueError(f"hybrid needs more slots ({kv_budget}) than sink tokens ({self.global_tokens})")
         B, H, C = batch_size, n_kv_heads, kv_budget
@@ -138,7 +130,7 @@ class HybridCache(KVCache):
                 cls = cls | (hit.to(torch.uint8) * bit)
         return cls
 
-    def set_tokens(self, idx: Tensor, prefill: bool):
+    def set_tokens(self, idx: Tensor, prefill: bool, row: int = None):
         cls = self.token_classes(idx)
         self.cur_cls.copy_(cls[:, -1])
         if prefill:
@@ -168,9 +160,9 @@ class HybridCache(KVCache):
         return self.attn_sum / self.attn_cnt.clamp(min=1)
 
     # -- prefill -------------------------------------------------------------------------------------------
-    def prefill(self, input_pos, k, v, q):
-        self.profile(k, q)
-        super().prefill(input_pos, k, v, q)
+    def prompt_keep(self, k, q):
+        self.profile(k, q)  # every prompt is profiled; only one longer than the budget is compressed
+        return super().prompt_keep(k, q)
 
     def prompt_classes(self, B: int, T: int, device) -> Tensor:
         cls = self._prompt_cls
@@ -275,10 +267,10 @@ class HybridCache(KVCache):
         self.attn_sum.scatter_(2, idx, torch.zeros_like(idx, dtype=self.attn_sum.dtype))
         self.attn_cnt.scatter_(2, idx, torch.zeros_like(idx, dtype=self.attn_cnt.dtype))
 
-    def update(self, input_pos, k, v, q):
-        q, k_all, v_all, mask = super().update(input_pos, k, v, q)
+    def attention_mask(self, input_pos):
+        """Only the slots in the head's policy, and the new token."""
         visible = self.member(self.pos, self.slot_cls, self.frequent, input_pos) | (self.pos == input_pos)
-        return q, k_all, v_all, mask & visible.unsqueeze(2)
+        return (visible & (self.pos >= 0)).unsqueeze(2)
 
     def record_attention(self, probs):
         occupied = self.pos >= 0
@@ -305,7 +297,7 @@ def hybrid_stats(model) -> dict:
     """Per layer (hybrid layers only) the policy chosen by each KV head (sequence 0) and the counts; totals."""
     layers, total = [], {name: 0 for name in HYBRID_POLICIES}
     for i, c in enumerate(model.caches):
-        c = getattr(c, "rows", [c])[0]  # a batch: sequence 0's cache
+        c = c.sequences()[0]  # a batch: sequence 0's cache
         if isinstance(c, HybridCache):
             counts = c.policy_counts()
             layers.append({"layer": i, "head_policies": c.head_policies(), "policy_counts": counts})
@@ -345,21 +337,3 @@ def token_class_tables(tokenizer, vocab_size: int):
             continue
         punct[i] = is_punctuation(text)
     return special, punct
-
-
-def set_token_classes(model, tokenizer) -> int:
-    """Installs the tokenizer's special and punctuation tables (one shared pair, on the model's device) in every
-    hybrid cache of the model. Call after the caches are set up (cache.setup) and before generating or
-    compiling. Returns the number of caches updated (0 when no layer is hybrid: nothing is computed)."""
-    caches = [r for c in model.caches for r in getattr(c, "rows", [c]) if isinstance(r, HybridCache)]  # batches too
-    if not caches:
-        return 0
-    special, punct = token_class_tables(tokenizer, model.config.vocab_size)
-    device = model.tok_embeddings.weight.device
-    special, punct = special.to(device), punct.to(device)
-    for c in caches:
-        c.set_token_tables(special, punct)
-    return len(caches)
-
-
-POLICIES["hybrid"] = HybridCache

@@ -1,4 +1,4 @@
-"""LaCache: ladder-shaped KV cache (ALGORITHMS.md "lacache"; seed lacache.md).
+"""LaCache: ladder-shaped KV cache (docs/algorithms.md "lacache").
 
 Content independent: which tokens layer l keeps depends only on the number of tokens fed, the layer index
 and (L = n_layers, S = span, O = overlap, C = budget, S0 = start_size).  Per ladder group of B ranks a layer
@@ -8,7 +8,7 @@ group.  When the laddered region reaches the newest L tokens the cache is re-lad
 
 The rules, fed one token at a time
 ----------------------------------
-`ladder_params` is the literal rule of ALGORITHMS.md for any need = n - C.  Fed one token at a time (prefill
+`ladder_params` is the literal rule of docs/algorithms.md for any need = n - C.  Fed one token at a time (prefill
 gives the same result, see below) the length never exceeds C + floor(R/2) after a step, so need <= 1 and
 every compaction is ONE group: a normal ladder takes the group [c, c + B) (then c += A); a start-over happens
 exactly when room < A, so its first pass ladders nothing (floor(room / A) = 0), st = 1, Bs = B, Rs = R, and it
@@ -33,14 +33,13 @@ the cache one gets by feeding the prompt token by token (torch.compiler.disable:
 generate.py's --compile_prefill, which is not fullgraph).  The schedule covers max_seq_length tokens: a
 cache built without max_seq_length (or with one <= its budget) never ladders.
 
-The module registers LaCache in cache.POLICIES at its end (cache.py imports it after defining POLICIES).
 """
 import functools
 
 import torch
 from torch import Tensor
 
-from cache import POLICIES, KVCache
+from cache import KVCache, Param
 from model import apply_rope
 
 
@@ -136,20 +135,19 @@ host_ladder_prefill = torch.compiler.disable(ladder_prefill)
 class LaCache(KVCache):
     """LaCache: content-independent ladder of kept tokens, shifted layer by layer (see the module doc)."""
     hyperparams = {
-        "span": (int, 16, "lacache: ladder span S (layers one kept token covers)"),
-        "overlap": (int, 0, "lacache: overlap O between adjacent ladder steps (0 <= O < span)"),
-        "start_size": (int, 4, "lacache: sink tokens S0 kept in every layer"),
+        "span": Param(int, 16, "lacache: ladder span S (layers one kept token covers)", min=1),
+        "overlap": Param(int, 0, "lacache: overlap O between adjacent ladder steps (0 <= O < span)", min=0),
+        "start_size": Param(int, 4, "lacache: sink tokens S0 kept in every layer", min=0),
     }
+    default_position_mode = "cache"  # keys rotated by their rank in the cache, as the seed
 
-    def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, *, position_mode=None, **kw):
-        S, O, S0 = (kw.get(name, self.hyperparams[name][1]) for name in ("span", "overlap", "start_size"))
+    def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
+        S, O, S0 = (kw.get(name, self.hyperparams[name].default) for name in ("span", "overlap", "start_size"))
         L, i = kw.get("n_layers", 1), kw.get("layer_idx", 0)
-        if S < 1:
-            raise ValueError(f"lacache: --span must be >= 1, got {S}")
-        if not 0 <= O < S:
+        for name, value in (("span", S), ("overlap", O), ("start_size", S0)):
+            self.hyperparams[name].check(name, value)
+        if not O < S:
             raise ValueError(f"lacache: --overlap must satisfy 0 <= overlap < span ({S}), got {O}")
-        if S0 < 0:
-            raise ValueError(f"lacache: --start_size must be >= 0, got {S0}")
         C = kv_budget
         max_seq = kw.get("max_seq_length")
         self.ladders = max_seq is not None and max_seq > C  # False: the run fits the budget, nothing is laddered
@@ -165,8 +163,7 @@ class LaCache(KVCache):
                                  f"({S0}) + n_layers ({L}) + {A} (one ladder group) = {S0 + L + A}; raise "
                                  "--max_cache_length or lower --start_size")
         half = R // 2 if self.ladders else 0
-        super().__init__(batch_size, n_kv_heads, head_dim, C + half, dtype,
-                         position_mode=position_mode or "cache", **kw)
+        super().__init__(batch_size, n_kv_heads, head_dim, C + half, dtype, **kw)
         self.ladder_budget = C  # C of the rules; kv_budget (the slots) is C + floor(R/2)
         self.B, self.A, self.R, self.offset = B, A, R, i % (R + 1)
         # Rank of each slot's position among the kept ones (valid where pos >= 0); shared by sequences and heads.
@@ -183,24 +180,18 @@ class LaCache(KVCache):
         return super().nbytes() - (self.schedule.numel() * self.schedule.element_size() if self.ladders else 0)
 
     # -- prefill -------------------------------------------------------------------------------------------
-    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
-        T = k.shape[2]
-        if T <= self.kv_budget:  # the rules compact nothing before the length exceeds C + floor(R/2)
-            super().prefill(input_pos, k, v, q)
-            self.slot_rank.copy_(torch.arange(self.kv_budget, device=k.device))
-            return
+    def prompt_keep(self, k, q):
+        """The rules compact nothing before the length exceeds C + floor(R/2); a longer prompt keeps what feeding
+        it token by token would (laddered on the host)."""
+        B, Hkv, T, _ = k.shape
+        if T <= self.kv_budget:
+            return None
         kept = host_ladder_prefill(T, self.n_layers, self.span, self.overlap, self.ladder_budget, self.start_size)
         idx = torch.tensor(kept[self.layer_idx], device=k.device)
-        n = idx.shape[0]
-        self.write_slots(torch.arange(n, device=k.device).expand(*k.shape[:2], n), k.index_select(2, idx),
-                         v.index_select(2, idx))
-        self.pos[:, :, :n] = idx
-        self.pos[:, :, n:] = -1
-        self.slot_rank.copy_(torch.arange(self.kv_budget, device=k.device))
-        self.seen.fill_(T)
-        if self.debug_attention_loss:
-            self.shadow_k[:, :, :T] = k
-        self.after_prefill(k, q, idx)
+        return idx.expand(B, Hkv, idx.shape[0])
+
+    def after_prefill(self, k, q, keep):
+        self.slot_rank.copy_(torch.arange(self.kv_budget, device=k.device))  # slots are in position order
 
     # -- decode --------------------------------------------------------------------------------------------
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
@@ -235,5 +226,3 @@ class LaCache(KVCache):
         q_rank = ((self.pos[0, 0] >= 0).sum() - 1).clamp(0, last).view(1)
         return apply_rope(q, self.rope_cos.index_select(0, q_rank), self.rope_sin.index_select(0, q_rank)), k
 
-
-POLICIES["lacache"] = LaCache

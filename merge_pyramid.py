@@ -1,6 +1,6 @@
 """merge_pyramid: merging, not eviction, with a per-layer pyramid of raw-tail windows (seed merge-pyramid.md).
 
-Semantics: ../shared/ALGORITHMS.md ("merge_pyramid"); the step-by-step reference: tests/reference_policies.py
+Semantics: docs/algorithms.md ("merge_pyramid"); the step-by-step reference: tests/reference_policies.py
 (`MergePyramidLayerRef`, item 10 of its docstring).
 
 Layer k of m has the raw-tail threshold W_k = int(W0 * (1 + k/m * (1/beta - 1))) (W0 = --initial_local_window,
@@ -38,10 +38,10 @@ C_k = min(max_seq_length, max(T + 1, sinks + 2 W_k + 2)), where T comes from bui
 `sized_budget`); when the prompt length is not known (prompt_len 0) the buffer is max_seq_length. Each layer
 reports its C_k as kv_budget.
 """
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import torch
+from torch import Tensor
 
-from cache import POLICIES, KVCache
+from cache import KVCache, Param, check_params
 
 POOLING_TYPES = ("mean", "max", "best")
 
@@ -75,33 +75,23 @@ class MergePyramidCache(KVCache):
     """Merges old tokens pairwise (mean / max / best) once the raw tail exceeds the layer's window W_k;
     sinks are never merged; W_k shrinks (beta > 1) or grows (beta < 1) linearly with the layer."""
     hyperparams = {
-        "initial_local_window": (int, 512, "merge_pyramid: raw-tail window W0 of layer 0; layer k of m gets "
-                                           "W0 * (1 + k/m * (1/beta - 1))"),
-        "steepness_coefficient": (float, 1.0, "merge_pyramid: pyramid steepness beta > 0 (1 = the same window "
-                                              "in every layer, > 1 = smaller windows in upper layers)"),
-        "sink_tokens": (int, 4, "sink_recent/merge_pyramid: first tokens always kept (sink_recent 256, "
-                                "merge_pyramid 4)"),
-        "seq_pooling_type": (str, "mean", "merge_pyramid: how a pair of slots is merged: mean | max | best"),
-        "skip_prefill_compression": (bool, False, "merge_pyramid: keep the whole prompt at prefill and merge "
-                                                  "only while decoding (the buffer must hold the prompt)"),
+        "initial_local_window": Param(int, 512, "merge_pyramid: raw-tail window W0 of layer 0; layer k of m gets "
+                                                "W0 * (1 + k/m * (1/beta - 1))", min=1),
+        "steepness_coefficient": Param(float, 1.0, "merge_pyramid: pyramid steepness beta > 0 (1 = the same window "
+                                                   "in every layer, > 1 = smaller windows in upper layers)", above=0),
+        "sink_tokens": Param(int, 4, "sink_recent/merge_pyramid: first tokens always kept (sink_recent 256, "
+                                     "merge_pyramid 4)", min=0),
+        "seq_pooling_type": Param(str, "mean", "merge_pyramid: how a pair of slots is merged: mean | max | best",
+                                  choices=POOLING_TYPES),
+        "skip_prefill_compression": Param(bool, False, "merge_pyramid: keep the whole prompt at prefill and merge "
+                                                       "only while decoding (the buffer must hold the prompt)"),
     }
 
     # -- configuration -------------------------------------------------------------------------------------
     @classmethod
     def resolve(cls, hp: dict) -> dict:
         """The hyper-parameters with defaults filled in, validated (one clear ValueError per mistake)."""
-        vals = {name: hp[name] if hp.get(name) is not None else default
-                for name, (_, default, _) in cls.hyperparams.items()}
-        if vals["initial_local_window"] < 1:
-            raise ValueError(f"--initial_local_window must be an integer >= 1, got {vals['initial_local_window']}")
-        if not vals["steepness_coefficient"] > 0:
-            raise ValueError(f"--steepness_coefficient must be > 0, got {vals['steepness_coefficient']}")
-        if vals["seq_pooling_type"] not in POOLING_TYPES:
-            raise ValueError(f"unknown --seq_pooling_type {vals['seq_pooling_type']!r}; allowed: "
-                             f"{', '.join(POOLING_TYPES)}")
-        if vals["sink_tokens"] < 0:
-            raise ValueError(f"--sink_tokens must be >= 0, got {vals['sink_tokens']}")
-        return vals
+        return check_params(cls.hyperparams, {k: v for k, v in hp.items() if v is not None}, cls.__name__)
 
     @classmethod
     def sized_budget(cls, prompt_len: int, max_seq_length: int, hp: dict) -> int:
@@ -172,8 +162,11 @@ class MergePyramidCache(KVCache):
         return (pool_pairs(k[:, :, even], k[:, :, odd], kind), pool_pairs(v[:, :, even], v[:, :, odd], kind),
                 (pm[even] + pm[odd]) / 2, torch.stack([span[0, even], span[1, odd]]))
 
+    def prompt_keep(self, k, q):
+        return None  # nothing is dropped: write_prompt pools the prompt instead
+
     @torch.compiler.disable  # a Python loop over the prompt: compiled, it would recompile per prompt length
-    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
+    def write_prompt(self, input_pos: Tensor, k: Tensor, v: Tensor, keep):
         """Keeps the prompt's rotated k, v [B, Hkv, T, D], compressed until the raw tail fits W_k (the seed's
         compress_prefill loop: pool [sinks, rws + W_k) while n - rws > W_k) unless skip_prefill_compression."""
         T, S, W, C = k.shape[2], self.sink_tokens, self.local_window, self.kv_budget
@@ -203,10 +196,11 @@ class MergePyramidCache(KVCache):
             raise ValueError(f"merge_pyramid with --skip_prefill_compression keeps the whole prompt ({T} tokens) "
                              f"but layer {self.layer_idx}'s buffer has {C} slots; give build_caches the prompt "
                              "length (prompt_len) or a larger max_seq_length")
-        self.k.zero_()
-        self.v.zero_()
-        self.k[:, :, :n] = keep_k
-        self.v[:, :, :n] = keep_v
+        kbuf, vbuf = self.store.k, self.store.v
+        kbuf.zero_()
+        vbuf.zero_()
+        kbuf[:, :, :n] = keep_k
+        vbuf[:, :, :n] = keep_v
         self.pos_mean.fill_(-1.0)
         self.pos_mean[:n] = keep_pm
         self.span.fill_(-1)
@@ -216,16 +210,13 @@ class MergePyramidCache(KVCache):
         self.n.fill_(n)
         self.rws.fill_(S + (0 if comp is None else comp[0].shape[2]))
         self.pending.fill_(False)
-        self.seen.fill_(T)
-        if self.debug_attention_loss:
-            self.shadow_k[:, :, :T] = k
 
     # -- decode --------------------------------------------------------------------------------------------
     def merged_state(self):
         """The buffers after pooling the whole region [sinks, n) (branch-free; static shapes).
         Returns k, v, pos_mean, span, n."""
-        B, H, C, D = self.k.shape
-        S, dev = self.sink_tokens, self.k.device
+        B, H, C, D = self.store.k.shape
+        S, dev = self.sink_tokens, self.store.k.device
         J = C - S  # slots after the sinks
         P_max = (J + 1) // 2  # the region holds at most J slots, so at most ceil(J / 2) pairs
         L = self.n - S  # region length (0-dim); >= W_k + 1 >= 2 whenever a merge is pending
@@ -246,7 +237,7 @@ class MergePyramidCache(KVCache):
         pm = torch.cat([self.pos_mean[:S], pm, self.pos_mean.new_full((pad,), -1.0)])
         sp = torch.where(valid, torch.stack([self.span[0, even], self.span[1, odd]]), -1)
         sp = torch.cat([self.span[:, :S], sp, self.span.new_full((2, pad), -1)], 1)
-        return pooled(self.k), pooled(self.v), pm, sp, S + n_pairs
+        return pooled(self.store.k), pooled(self.store.v), pm, sp, S + n_pairs
 
     def merge_pending(self):
         """Applies the merge triggered by the last append, if any (a no-op otherwise). update() calls it first;
@@ -255,8 +246,8 @@ class MergePyramidCache(KVCache):
             return
         k, v, pm, sp, n = self.merged_state()
         p = self.pending
-        self.k.copy_(torch.where(p, k, self.k))
-        self.v.copy_(torch.where(p, v, self.v))
+        self.store.k.copy_(torch.where(p, k, self.store.k))
+        self.store.v.copy_(torch.where(p, v, self.store.v))
         self.pos_mean.copy_(torch.where(p, pm, self.pos_mean))
         self.span.copy_(torch.where(p, sp, self.span))
         occupied = self.pos_mean >= 0
@@ -291,5 +282,3 @@ class MergePyramidCache(KVCache):
         n = int(self.n)
         return [tuple(range(a, b + 1)) for a, b in self.span[:, :n].t().tolist()]
 
-
-POLICIES["merge_pyramid"] = MergePyramidCache

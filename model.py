@@ -190,28 +190,14 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
-        cache = self.kv_cache
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # position_mode "cache": keys are stored un-rotated and the cache rotates them by their rank each step.
-        k_store = k if cache.rotates_keys else k_rot
+        # The cache gets q and k un-rotated: it positions what it stores itself (absolute RoPE, or by rank).
         if prefill:
             # The prompt attends to itself causally (fused kernel); the cache then keeps what its policy keeps.
-            y = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True,
+            y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True,
                                                enable_gqa=self.n_head != self.n_local_heads)
-            if row is None:
-                cache.prefill(input_pos, k_store, v, q_rot)
-            else:  # one sequence of a batch (cache.SequenceBatch)
-                cache.prefill(input_pos, k_store, v, q_rot, row=row)
+            self.kv_cache.prefill(input_pos, k, v, q, row=row)  # row: one sequence of a batch of caches
         else:
-            # T > 1 (speculative verification) inserts and attends token by token: the cache passes through the
-            # same states as in T single steps, while the linears above and below still run once over T tokens.
-            q_in, ys = q if cache.rotates_keys else q_rot, []
-            for t in range(T):
-                if cache.needs_tokens:
-                    cache.select_token(t)
-                ys.append(cache.decode(input_pos[..., t:t + 1], k_store[:, :, t:t + 1], v[:, :, t:t + 1],
-                                       q_in[:, :, t:t + 1]))
-            y = ys[0] if T == 1 else torch.cat(ys, dim=2)
+            y = self.kv_cache.decode(input_pos, k, v, q)
         y = y.transpose(1, 2).reshape(B, T, q_size)
         return self.wo(y)
 
@@ -263,19 +249,16 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = cos, sin
         for i, layer in enumerate(self.layers):
             layer.attention.kv_cache = cache = make_cache(i)
-            for c in getattr(cache, "rows", [cache]):  # a batch of sequences' caches (cache.SequenceBatch)
-                c.rope_cos, c.rope_sin = cos, sin
+            cache.set_rope(cos, sin)
 
     def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False, row: int = None) -> Tensor:
         """idx [B, T] token ids at positions input_pos: [T] shared by the batch, or [B, T] per sequence (batched
         decoding of prompts of different lengths). row: prefill one sequence (idx [1, T]) of a batch of caches
         (cache.SequenceBatch). Returns logits [B, T, vocab] in fp32."""
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        if input_pos.dim() == 2:  # [B, T, D] -> [B, 1, T, D]: broadcast over heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        # RoPE at the prompt's positions, for its own causal attention (decode: the caches position q and k).
+        cos, sin = (self.rope_cos[input_pos], self.rope_sin[input_pos]) if prefill else (None, None)
         for cache in self.caches:
-            if cache.needs_tokens:  # policies that look at token identities (FastGen's special/punctuation)
-                cache.set_tokens(idx, prefill) if row is None else cache.set_tokens(idx, prefill, row)
+            cache.set_tokens(idx, prefill, row)  # token ids, for policies that look at them (FastGen's classes)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, prefill, row)
@@ -286,9 +269,11 @@ class Transformer(nn.Module):
         return [layer.attention.kv_cache for layer in self.layers]
 
 
-def load_model(checkpoint: Path, device, dtype) -> Transformer:
-    """checkpoint: a folder with config.json + model.pth, or a weights file in it: model.pth, or quantize.py's
-    model_int8.pth / model_int4.gN.pth (detected by their __quantization__ entry; same config.json)."""
+def load_model(checkpoint: Path, device, dtype, quantized=None) -> Transformer:
+    """checkpoint: a folder with config.json + model.pth, or a weights file in it. A quantized file (quantize.py's
+    model_int8.pth / model_int4.gN.pth, marked by its __quantization__ entry) needs its linears swapped in before
+    the weights are assigned: quantize.load_model passes `quantized` (an object with check_meta, swap_linears and
+    prepare: the quantize module), so this file imports nothing of the project."""
     checkpoint = Path(checkpoint)
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     weights = checkpoint / "model.pth" if checkpoint.is_dir() else checkpoint
@@ -298,10 +283,10 @@ def load_model(checkpoint: Path, device, dtype) -> Transformer:
     state = torch.load(weights, mmap=True, weights_only=True, map_location="cpu")
     quant = state.pop("__quantization__", None)  # model_int8.pth / model_int4.gN.pth, written by quantize.py
     if quant is not None:
-        import quantize
-
-        quant = quantize.check_meta(quant, weights)
-        quantize.swap_linears(model, quant)  # a tied head is stored as its own quantized linear
+        if quantized is None:
+            raise ValueError(f"{weights} is a quantized checkpoint: load it with quantize.load_model")
+        quant = quantized.check_meta(quant, weights)
+        quantized.swap_linears(model, quant)  # a tied head is stored as its own quantized linear
     tied = args.tie_word_embeddings and quant is None
     expected = set(model.state_dict())
     if tied:
@@ -320,7 +305,7 @@ def load_model(checkpoint: Path, device, dtype) -> Transformer:
     model = model.to(device=device, dtype=dtype).eval()
     model.quantization = quant
     if quant is not None:
-        quantize.prepare(model)  # int4: the device's kernel layout
+        quantized.prepare(model)  # int4: the device's kernel layout
     return model
 
 

@@ -14,7 +14,7 @@ Worker k runs with CUDA_VISIBLE_DEVICES=k (with --num_gpus 0: CUDA_VISIBLE_DEVIC
 CPU threads). Free workers take the next command from a shared queue; --dry_run shows the round-robin order in
 which they start. A command that exits 0 leaves a done-marker (STATE_DIR/done/HASH.json) and is skipped on the
 next invocation (eval.py itself also skips finished tasks), so an interrupted sweep resumes where it stopped.
-Logs: STATE_DIR/logs/worker{k}.log. Configs: a cache_configs/NAME.yaml, else a policy name of cache.POLICIES.
+Logs: STATE_DIR/logs/worker{k}.log. Configs: a cache_configs/NAME.yaml, else a policy name of policies.POLICIES.
 """
 import argparse
 import hashlib
@@ -27,6 +27,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from policies import POLICIES
 
 REPO = Path(__file__).resolve().parent
 
@@ -43,13 +45,11 @@ def read_command_file(path: Path) -> list:
 def config_flags(name: str) -> list:
     if (REPO / "cache_configs" / f"{name}.yaml").exists() or name.endswith(".yaml"):
         return ["--cache_config", name]
-    import cache
-
-    if name in cache.POLICIES:
+    if name in POLICIES:
         return ["--cache_strategy", name]
     known = sorted(p.stem for p in (REPO / "cache_configs").glob("*.yaml"))
     raise SystemExit(f"error: unknown config {name!r}: no cache_configs/{name}.yaml and no such policy "
-                     f"(configs: {', '.join(known)}; policies: {', '.join(cache.POLICIES)})")
+                     f"(configs: {', '.join(known)}; policies: {', '.join(POLICIES)})")
 
 
 def cartesian(configs, tasks, sizes, add_full, eval_args, python="python") -> list:

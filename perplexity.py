@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 
 import cache as kvcache
-import generate as gen
+import cli
+import policies
+import quantize
+import runtime
+from cli import UserError
+from tokenizer import get_tokenizer
 
 
 def default_text() -> str:
@@ -39,7 +44,7 @@ def read_text(path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise gen.UserError(f"cannot read --text {path}: {e.strerror if isinstance(e, OSError) else e}")
+        raise UserError(f"cannot read --text {path}: {e.strerror if isinstance(e, OSError) else e}")
 
 
 def nll_step(model, cur: torch.Tensor, input_pos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -82,57 +87,46 @@ def build_parser():
                    help="also report perplexity after this many tokens")
     g.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--json", action="store_true", help="print one JSON record instead of text")
-    gen.add_model_args(p)
-    kvcache.add_cache_args(p)
+    cli.add_model_args(p)
+    policies.add_cache_args(p)
     return p
 
 
 def main(argv=None):
     p = build_parser()
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
-    try:
-        a = kvcache.parse_args(p, argv)
-        run(a, argv)
-    except (gen.UserError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_main(lambda: run(policies.parse_args(p, argv), argv))
 
 
 def run(a, argv):
     if a.num_eval_tokens < 2:
-        raise gen.UserError(f"--num_eval_tokens must be >= 2, got {a.num_eval_tokens}")
+        raise UserError(f"--num_eval_tokens must be >= 2, got {a.num_eval_tokens}")
     if a.cache_size is not None:
         if any(x == "--max_cache_length" or x.startswith("--max_cache_length=") for x in argv):
-            raise gen.UserError("--cache_size is the seed's name for --max_cache_length; give only one of them")
+            raise UserError("--cache_size is the seed's name for --max_cache_length; give only one of them")
         if a.cache_size < 1:
-            raise gen.UserError(f"--cache_size must be >= 1, got {a.cache_size}")
+            raise UserError(f"--cache_size must be >= 1, got {a.cache_size}")
         a.max_cache_length = [float(a.cache_size)]
     if any(c < 1 for c in a.ppl_checkpoints):
-        raise gen.UserError(f"--ppl_checkpoints must be >= 1, got {a.ppl_checkpoints}")
+        raise UserError(f"--ppl_checkpoints must be >= 1, got {a.ppl_checkpoints}")
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     text = read_text(a.text)
-    device = gen.resolve_device(a.device)
-    dtype = gen.resolve_dtype(a.dtype, device)
-    weights = gen.resolve_checkpoint(a.checkpoint_path)
-    from model import load_model
-    from tokenizer import get_tokenizer
-
+    device = cli.resolve_device(a.device)
+    dtype = cli.resolve_dtype(a.dtype, device)
+    weights = cli.resolve_checkpoint(a.checkpoint_path)
     tokenizer = get_tokenizer(weights.parent)
     ids = tokenizer.encode(text)
     if len(ids) < 3:
-        raise gen.UserError(f"the text has {len(ids)} tokens; at least 3 are needed")
+        raise UserError(f"the text has {len(ids)} tokens; at least 3 are needed")
     n_eval = min(a.num_eval_tokens, len(ids) - 1)
     if n_eval < a.num_eval_tokens:
         print(f"note: the text has {len(ids)} tokens; scoring {n_eval} instead of {a.num_eval_tokens}",
               file=sys.stderr)
     ids = ids[:n_eval + 1]
-    model = load_model(weights, device, dtype)
-    kvcache.setup(model, a, batch_size=1, prompt_len=1, max_seq_length=n_eval)
-    step = nll_step
-    if a.compile:
-        mode = "reduce-overhead" if device.startswith("cuda") else None
-        step = torch.compile(nll_step, mode=mode, fullgraph=True)
+    model = quantize.load_model(weights, device, dtype)
+    policies.setup(model, a, batch_size=1, prompt_len=1, max_seq_length=n_eval, tokenizer=tokenizer)
+    step = runtime.compile_decode(nll_step, device) if a.compile else nll_step
     marks = {}
 
     def report(count, ppl):

@@ -41,16 +41,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import cli
+import model as M
+from cli import UserError
+
 GROUP_SIZES = (32, 64, 128, 256)
 # aten._weight_int4pack_mm_for_cpu is a GEMV-style kernel: on an AVX2 CPU (torch 2.13, 1 thread) a 1536 x 576 layer
 # takes 2.9 ms for 1 row but 180 ms for 60 rows, against 17 ms to dequantize and matmul; prefill takes that path.
 CPU_KERNEL_MAX_ROWS = 8
 META_KEY = "__quantization__"
 _PROBED = {}  # (device, groupsize, inner_k_tiles, kernel) -> (ok, detail)
-
-
-class UserError(ValueError):
-    """Bad input: one line on stderr, exit 2 (a ValueError, so every CLI of the engine reports it so)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,10 +361,14 @@ def quantized_state_dict(model) -> dict:
     return sd
 
 
+def load_model(checkpoint, device, dtype) -> "M.Transformer":
+    """The loader for every weight format: model.pth, or this module's model_int8.pth / model_int4.gN.pth (their
+    linears are swapped for the quantized ones before the weights are assigned). checkpoint: the file or its folder."""
+    return M.load_model(checkpoint, device, dtype, quantized=sys.modules[__name__])
+
+
 def quantize_checkpoint(weights: Path, q: dict, out: Path = None, device: str = "cpu") -> Path:
     """Loads model.pth (fp weights), quantizes every linear, writes model_int8.pth / model_int4.gN.pth beside it."""
-    from model import load_model
-
     weights = Path(weights)
     out = Path(out) if out else weights.parent / file_name(q)
     model = load_model(weights, device, None)
@@ -387,18 +391,17 @@ def main(argv=None):
     p.add_argument("--groupsize", type=int, default=128, help=f"int4 group size: {', '.join(map(str, GROUP_SIZES))}")
     p.add_argument("--device", default="cpu", help="where to quantize (cpu or cuda; the file is the same)")
     p.add_argument("--out", type=Path, default=None, help="output file (default: beside model.pth)")
+    cli.one_line_errors(p)
     a = p.parse_args(argv)
-    from generate import UserError as GenUserError, resolve_checkpoint
+    cli.run_main(run, a)
 
-    try:
-        q = parse_mode("int8" if a.mode == "int8" else f"int4.g{a.groupsize}")
-        weights = resolve_checkpoint(a.checkpoint_path)
-        if a.device != "cpu" and not (a.device.startswith("cuda") and torch.cuda.is_available()):
-            raise UserError(f"--device {a.device}: not available (use cpu)")
-        out = quantize_checkpoint(weights, q, a.out, a.device)
-    except (UserError, GenUserError, ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+
+def run(a):
+    q = parse_mode("int8" if a.mode == "int8" else f"int4.g{a.groupsize}")
+    weights = cli.resolve_checkpoint(a.checkpoint_path)
+    if a.device != "cpu" and not (a.device.startswith("cuda") and torch.cuda.is_available()):
+        raise UserError(f"--device {a.device}: not available (use cpu)")
+    out = quantize_checkpoint(weights, q, a.out, a.device)
     mib = out.stat().st_size / 2**20
     print(f"wrote {out} ({format_name(q)}, {mib:.1f} MiB; source {weights.stat().st_size / 2**20:.1f} MiB)",
           file=sys.stderr)

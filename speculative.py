@@ -27,31 +27,18 @@ import time
 import torch
 from torch import Tensor
 
-import generate
+import policies
+import quantize
+import runtime
+from model import ModelArgs
+from sampling import draw, probabilities
 
 DEFAULT_K = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling: the distribution generate.sample draws from, as a vector (rejection sampling needs the probabilities)
+# Rejection sampling (the distributions are sampling.probabilities: what sampling.sample draws from, normalised)
 # ---------------------------------------------------------------------------------------------------------------
-def sampling_probs(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """logits [N, V] -> probabilities [N, V] after temperature / top_k / top_p, exactly as generate.sample
-    filters them (tests check both draw the same token from the same random numbers). temperature 0: one-hot
-    argmax."""
-    if temperature <= 0:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    probs = generate.filtered_probs(logits, temperature, top_k, top_p)
-    return probs / probs.sum(-1, keepdim=True)  # top_p leaves rows unnormalised; p / q ratios need normalised rows
-
-
-def draw(probs: Tensor, generator=None) -> Tensor:
-    """One token per row of (unnormalised) probabilities [N, V] -> [N, 1]: generate.sample's exponential race
-    (no host sync, works inside a CUDA graph; the scale of a row does not matter)."""
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / race).argmax(dim=-1, keepdim=True)
-
-
 def rejection_sample(p: Tensor, q: Tensor, drafts: Tensor, generator=None):
     """Standard speculative sampling (Leviathan et al. 2023; Chen et al. 2023) for one round.
 
@@ -84,7 +71,7 @@ def draft_forward(model, idx: Tensor, input_pos: Tensor, **sampling):
     logits = model(idx, input_pos)[:, -1]
     if sampling.get("temperature", 0) <= 0:
         return logits.argmax(-1, keepdim=True), None
-    probs = sampling_probs(logits, **sampling)
+    probs = probabilities(logits, **sampling)
     return draw(probs), probs
 
 
@@ -94,7 +81,7 @@ def verify_forward(model, idx: Tensor, input_pos: Tensor, **sampling):
     logits = model(idx, input_pos)[0]
     if sampling.get("temperature", 0) <= 0:
         return logits.argmax(-1)
-    return sampling_probs(logits, **sampling)
+    return probabilities(logits, **sampling)
 
 
 def replay_forward(model, idx: Tensor, input_pos: Tensor):
@@ -104,14 +91,13 @@ def replay_forward(model, idx: Tensor, input_pos: Tensor):
 
 
 def compile_fns(device: str, compile_decode: bool) -> dict:
-    """The three decode-time functions, compiled like generate.compile_fns' decode step (fullgraph; CUDA graphs on
-    GPU) with static shapes: a multi-token step unrolls its per-token cache loop, so each length is its own graph.
+    """The three decode-time functions, compiled like the decode step (runtime.compile_decode: fullgraph; CUDA
+    graphs on GPU) with static shapes: a multi-token step unrolls its per-token cache loop, so each length is its own graph.
     Lengths used: verify k + 1 (and 1 for the last few tokens), replay 1..k, draft 1..max(2, k - 1); dynamo's
     recompile limit (8 per function) therefore bounds k (checked by check_k)."""
     fns = {"draft": draft_forward, "verify": verify_forward, "replay": replay_forward}
     if compile_decode:
-        mode = "reduce-overhead" if device.startswith("cuda") else None
-        fns = {name: torch.compile(fn, mode=mode, fullgraph=True, dynamic=False) for name, fn in fns.items()}
+        fns = {name: runtime.compile_decode(fn, device, dynamic=False) for name, fn in fns.items()}
     return fns
 
 
@@ -168,13 +154,14 @@ def check_models(target, draft, k: int):
     if k < 1:
         raise ValueError(f"speculate k must be >= 1, got {k}")
     for m in (target, draft):
-        if m.caches[0].pos.shape[0] != 1 or hasattr(m.caches[0], "rows"):
+        c = m.caches[0]
+        if len(c.sequences()) != 1 or c.pos.shape[0] != 1:
             raise ValueError("speculative decoding decodes one sequence (caches set up for batch size 1)")
 
 
 @torch.no_grad()
 def speculative_generate(target, draft, prompt: list, max_new_tokens: int, k: int = DEFAULT_K, *, eos_ids=(),
-                         sampling=None, prefill_fn=generate.prefill, fns=None, callback=None):
+                         sampling=None, prefill_fn=runtime.prefill, fns=None, callback=None):
     """Decodes one sequence with the target, k draft tokens verified per target forward. Both models' caches must
     be set up (cache.setup) for batch size 1 and the same max_seq_length. Returns (new token ids, stats): the
     timing keys of generate.generate plus "speculative" (rounds, drafted, accepted, acceptance_rate, ...)."""
@@ -184,7 +171,6 @@ def speculative_generate(target, draft, prompt: list, max_new_tokens: int, k: in
     fns = fns or compile_fns("cpu", False)
     draft_fn, verify_fn, replay_fn = fns["draft"], fns["verify"], fns["replay"]
     device = target.tok_embeddings.weight.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def ids(tokens):
         return torch.tensor([tokens], dtype=torch.long, device=device)
@@ -200,7 +186,7 @@ def speculative_generate(target, draft, prompt: list, max_new_tokens: int, k: in
     first = prefill_fn(target, x, positions(0, len(prompt)), **sampling).clone()
     t_target = time.perf_counter()
     prefill_fn(draft, x, positions(0, len(prompt)), **sampling)
-    sync()
+    runtime.synchronize(device)
     tokens = [int(first)]
     t_first = time.perf_counter()
     if callback and tokens[-1] not in eos_ids:
@@ -276,7 +262,7 @@ def speculative_generate(target, draft, prompt: list, max_new_tokens: int, k: in
             pending = new
         else:
             pending = new[k - 1:]  # m = k - 1: [new token]; m = k: [dk, bonus token]
-    sync()
+    runtime.synchronize(device)
     t_end = time.perf_counter()
     decode_steps = len(tokens) - 1
     st["acceptance_rate"] = st["accepted"] / st["drafted"] if st["drafted"] else 0.0
@@ -299,7 +285,7 @@ def speculative_generate(target, draft, prompt: list, max_new_tokens: int, k: in
 
 @torch.no_grad()
 def warm_up(target, draft, prompt: list, max_new_tokens: int, k: int, *, sampling=None,
-            prefill_fn=generate.prefill, fns=None):
+            prefill_fn=runtime.prefill, fns=None):
     """Compiles every graph speculative_generate can use (each length of each function, see graph_lengths), so
     compile time stays out of the timed run: which replay lengths a run needs depends on what is accepted.
     Each call starts from the prefilled caches (restored from a snapshot); lengths that cannot occur for this
@@ -326,8 +312,7 @@ def warm_up(target, draft, prompt: list, max_new_tokens: int, k: int, *, samplin
                 idx = torch.tensor([prompt[:T]], dtype=torch.long, device=device)  # fresh: strides are guarded
                 fns[name](model, idx, torch.arange(n, n + T, device=device), **kw)
                 snaps["draft" if name == "draft" else "target"].restore()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    runtime.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -352,21 +337,16 @@ def check_args(a, batch: int) -> int:
 
 
 def load_draft(weights, target, a, tokenizer, device, dtype, prompt_len: int, max_seq_length: int):
-    """The draft model from its checkpoint (generate.resolve_checkpoint's path), with the same cache flags as the
-    target, built by cache.setup on its own model."""
-    import cache as kvcache
-    from hybrid import set_token_classes
-    from model import ModelArgs
-
+    """The draft model from its checkpoint (cli.resolve_checkpoint's path), with the same cache flags as the
+    target, built by policies.setup on its own model."""
     vocab = ModelArgs.from_json(weights.parent / "config.json").vocab_size  # checked before loading the weights
     if vocab != target.config.vocab_size:
         raise ValueError(f"the draft's vocabulary ({vocab} tokens, {weights.parent}/config.json) differs from the "
                          f"target's ({target.config.vocab_size}); the draft must share the target's tokenizer")
-    draft = generate.load_model(weights, device, dtype)
+    draft = quantize.load_model(weights, device, dtype)
     if draft is target:
         raise ValueError("the draft and the target are one model object (each needs its own caches)")
-    kvcache.setup(draft, a, batch_size=1, prompt_len=prompt_len, max_seq_length=max_seq_length)
-    set_token_classes(draft, tokenizer)
+    policies.setup(draft, a, batch_size=1, prompt_len=prompt_len, max_seq_length=max_seq_length, tokenizer=tokenizer)
     return draft
 
 

@@ -30,7 +30,6 @@ Dataset tasks (need the `datasets` package and a reachable hub, or JSONL files i
 multifieldqa_en, hotpotqa, 2wikimqa, musique (LongBench prompts, middle truncation, QA-F1 and ROUGE-L).
 """
 import json
-import math
 import os
 import random
 import re
@@ -41,7 +40,7 @@ from pathlib import Path
 import metrics as M
 
 
-class TaskError(Exception):
+class TaskError(ValueError):
     """A task cannot be built (bad option, missing dataset): eval.py reports it as one line and exits 2."""
 
 

@@ -26,6 +26,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed import _functional_collectives as funcol
+
+import quantize
+from model import ModelArgs
 
 
 class Dist(NamedTuple):
@@ -107,8 +111,6 @@ def maybe_init_distributed(device: str = "auto", config=None) -> Optional[Dist]:
     quiet_other_ranks()
     if config is not None:
         if not hasattr(config, "n_head"):
-            from model import ModelArgs
-
             config = ModelArgs.from_json(config)
         check_divisible(config, world)
     if device == "auto":
@@ -153,8 +155,6 @@ def _set(module: nn.Module, name: str, value: torch.Tensor):
 
 
 def _check_linear(lin: nn.Module, where: str):
-    import quantize
-
     if isinstance(lin, quantize.Int4Linear):
         raise ValueError(f"{where}: int4 checkpoints cannot be sharded (their group-wise packed layout would have to "
                          f"be cut per rank); use model.pth or model_int8.pth with torchrun")
@@ -182,8 +182,6 @@ def _row_parallel(lin: nn.Module, start: int, stop: int, group):
         raise ValueError("a row-parallel linear with a bias is not supported")
     _set(lin, "weight", lin.weight[:, start:stop])
     lin.in_features = stop - start
-    from torch.distributed import _functional_collectives as funcol  # here: builds without distributed import tp
-
     lin.register_forward_hook(lambda _module, _inputs, out: funcol.all_reduce(out, "sum", group))
 
 
@@ -226,9 +224,7 @@ def shard_model(model, rank: int, world: int, group=None):
 def load_sharded(weights, d: Dist, dtype):
     """load_model on the CPU (memory-mapped, dtype unchanged), shard, then move only the shard to d.device: no rank
     ever holds the whole model on its accelerator."""
-    from model import load_model
-
-    model = load_model(weights, "cpu", None)
+    model = quantize.load_model(weights, "cpu", None)
     return shard_model(model, d.rank, d.world).to(device=d.device, dtype=dtype)
 
 

@@ -20,17 +20,13 @@ from pathlib import Path
 import torch
 
 import cache as kvcache
+import cli
 import generate as gen
+import policies
+import quantize
 import tasks as T
-
-
-def install_token_classes(model, tokenizer):
-    """FastGen (hybrid) needs the tokenizer's special and punctuation tokens; a no-op for other policies."""
-    try:
-        from hybrid import set_token_classes
-    except ImportError:
-        return
-    set_token_classes(model, tokenizer)
+from cli import UserError
+from tokenizer import get_tokenizer
 
 
 def kept_matrix(model, seen: int, per_head: bool):
@@ -120,25 +116,18 @@ def main(argv=None):
     g.add_argument("--out", type=Path, default=Path("eviction.png"))
     g.add_argument("--save_json", type=Path, default=None, help="also write the kept positions per layer/head")
     g.add_argument("--num_threads", type=int, default=None)
-    gen.add_model_args(p)
-    kvcache.add_cache_args(p)
-    try:
-        a = kvcache.parse_args(p, argv)
-        return run(a)
-    except (gen.UserError, T.TaskError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cli.add_model_args(p)
+    policies.add_cache_args(p)
+    return cli.run_main(lambda: run(policies.parse_args(p, argv)))
 
 
 def run(a):
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
-    device = gen.resolve_device(a.device)
-    weights = gen.resolve_checkpoint(a.checkpoint_path)
-    from tokenizer import get_tokenizer
-
+    device = cli.resolve_device(a.device)
+    weights = cli.resolve_checkpoint(a.checkpoint_path)
     tokenizer = get_tokenizer(weights.parent)
-    model = gen.load_model(weights, device, gen.resolve_dtype(a.dtype, device))
+    model = quantize.load_model(weights, device, cli.resolve_dtype(a.dtype, device))
     encoder = T.PromptEncoder(tokenizer, not a.no_chat)
     needles = []
     if a.prompt:
@@ -150,13 +139,12 @@ def run(a):
         needles = [s for s in (needle_span(tokenizer, ids, n) for n in sample.get("meta", {}).get("needles", [])) if s]
         source = f"{a.task} sample"
     if not ids:
-        raise gen.UserError("the prompt is empty")
+        raise UserError("the prompt is empty")
     max_seq_length = len(ids) + a.max_new_tokens
     if max_seq_length > model.config.block_size:
-        raise gen.UserError(f"prompt + max_new_tokens = {max_seq_length} exceeds the model's context")
+        raise UserError(f"prompt + max_new_tokens = {max_seq_length} exceeds the model's context")
     torch.manual_seed(a.seed)
-    kvcache.setup(model, a, batch_size=1, prompt_len=len(ids), max_seq_length=max_seq_length)
-    install_token_classes(model, tokenizer)
+    policies.setup(model, a, batch_size=1, prompt_len=len(ids), max_seq_length=max_seq_length, tokenizer=tokenizer)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_ids)
     tokens, _ = gen.generate(model, ids, a.max_new_tokens, eos_ids=eos, feed_long_prompts=a.feed_long_prompts)
     seen = int(model.caches[0].seen)

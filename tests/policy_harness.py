@@ -3,7 +3,7 @@ import random
 
 import torch
 
-from cache import POLICIES
+from policies import POLICIES
 
 
 def random_stream(n_pos, n_heads, n_kv, d, seed=0):

@@ -12,6 +12,8 @@ from torch._dynamo.utils import counters
 
 import cache as kvcache
 import generate
+import policies
+import runtime
 from model import ModelArgs, random_model
 from tests.test_compile import SCORED, cache_args
 
@@ -20,14 +22,14 @@ NEW = 30
 
 
 def groups():
-    return [(sorted(kvcache.POLICIES), {}), ([s for s in SCORED if s in kvcache.POLICIES], {"position_mode": "cache"})]
+    return [(sorted(policies.POLICIES), {}), ([s for s in SCORED if s in policies.POLICIES], {"position_mode": "cache"})]
 
 
 def build(cfg, max_seq):
     """Every group's caches for one sequence, built the way cache.setup builds them."""
     caches = []
     for strategies, extra in groups():
-        caches += kvcache.build_caches(cache_args(strategies, **extra), len(strategies), cfg.n_local_heads,
+        caches += policies.build_caches(cache_args(strategies, **extra), len(strategies), cfg.n_local_heads,
                                        cfg.head_dim, 1, max_seq, torch.float32, "cpu", prompt_len=max(PROMPT_LENS))
     return caches
 
@@ -78,7 +80,7 @@ def batched(tiny):
 def test_every_policy_is_in_the_batch(tiny, batched):
     _, _, caches, _ = batched
     names = {type(c.rows[0]).__name__ for c in caches}
-    assert names == {cls.__name__ for cls in kvcache.POLICIES.values()}
+    assert names == {cls.__name__ for cls in policies.POLICIES.values()}
     assert all(len(c.rows) == len(PROMPT_LENS) for c in caches)
 
 
@@ -102,7 +104,7 @@ def test_each_sequence_keeps_the_positions_it_keeps_alone(tiny, alone, batched):
                 evicted.add(name[1])
         assert [int(c.seen) for c in rows] == alone_seen
         assert alone_seen[0] == PROMPT_LENS[b] + NEW - 1  # the last token is sampled, not yet inserted
-    assert evicted >= set(kvcache.POLICIES) - {"full"}, "every policy but full must evict in this run"
+    assert evicted >= set(policies.POLICIES) - {"full"}, "every policy but full must evict in this run"
 
 
 def test_batch_statistics_are_per_sequence(batched):
@@ -119,13 +121,13 @@ def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
     _, _, prompts, max_seq = tiny
     prompts = prompts[:2]  # two sequences: the compiled graph unrolls the cache work per sequence
     # A smaller model keeps the compile CI-sized: every policy once.
-    strategies = sorted(kvcache.POLICIES)
+    strategies = sorted(policies.POLICIES)
     cfg = ModelArgs(vocab_size=256, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=64,
                     intermediate_size=128, block_size=512)
     m = random_model(cfg, "cpu", torch.float32, seed=1)
     with torch.no_grad():
         m.output.weight.mul_(20)
-    per_seq = [kvcache.build_caches(cache_args(strategies), len(strategies), 2, 16, 1, max_seq, torch.float32,
+    per_seq = [policies.build_caches(cache_args(strategies), len(strategies), 2, 16, 1, max_seq, torch.float32,
                                     "cpu", prompt_len=max(PROMPT_LENS)) for _ in prompts]
     install(m, per_seq, max_seq)
     free, _ = generate.generate_batch(m, prompts, NEW)
@@ -134,7 +136,7 @@ def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
     assert len({len(t) for t in eager}) > 1, "sequences must finish at different steps"
     torch._dynamo.reset()
     counters.clear()
-    fn = torch.compile(generate.decode_one_token, fullgraph=True)
+    fn = torch.compile(runtime.decode_one_token, fullgraph=True)
     generate.generate_batch(m, prompts, 2, decode_fn=fn)
     first = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -7,6 +7,7 @@ import torch
 
 import benchmark as bm
 import cache as kvcache
+import policies
 import quantize
 from generate import generate
 from model import ModelArgs, random_model
@@ -21,8 +22,8 @@ def tiny(**kw):
 
 def full_cache(model, max_seq, prompt_len=8):
     p = bm.build_parser()
-    a = kvcache.parse_args(p, [])
-    kvcache.setup(model, a, batch_size=1, prompt_len=prompt_len, max_seq_length=max_seq)
+    a = policies.parse_args(p, [])
+    policies.setup(model, a, batch_size=1, prompt_len=prompt_len, max_seq_length=max_seq)
 
 
 def test_weight_bytes_known_case():

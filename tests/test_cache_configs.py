@@ -9,10 +9,10 @@ so ones added later are covered without editing this file.
 import pytest
 import yaml
 
-import cache as kvcache
+import policies
 from tests.test_generate_cli import PROMPT, cli_json, memoised_smol  # noqa: F401 (memoised_smol: autouse fixture)
 
-CONFIGS = sorted(kvcache.CONFIG_DIR.glob("*.yaml"))
+CONFIGS = sorted(policies.CONFIG_DIR.glob("*.yaml"))
 N_NEW = 8
 # Flags that make a policy evict after a short prompt (its own defaults are sized for long contexts).
 POLICY_FLAGS = {
@@ -43,7 +43,7 @@ def strategies_of(config) -> list:
 def policy_argv(policy) -> tuple:
     """The policy's own shipped config when it has one (cache_configs/POLICY.yaml with only that policy),
     else the policy at half the tokens; plus the flags that make it evict after the short test prompt."""
-    own = kvcache.CONFIG_DIR / f"{policy}.yaml"
+    own = policies.CONFIG_DIR / f"{policy}.yaml"
     base = ("--cache_config", policy) if own.exists() and strategies_of(own) == [policy] else \
         ("--cache_strategy", policy, "--max_cache_length", 0.5)
     return (*base, *POLICY_FLAGS.get(policy, []))
@@ -55,12 +55,12 @@ def test_shipped_configs_include_one_per_cold_compress_policy():
             "local_global", "heavy_hitter_pyramid", "l2_funnel"} <= names
 
 
-@pytest.mark.parametrize("policy", sorted(kvcache.POLICIES))
+@pytest.mark.parametrize("policy", sorted(policies.POLICIES))
 def test_every_policy_generates_on_smollm2(policy):
     r = run(*policy_argv(policy))
     s = r["stats"]
     assert len(r["token_ids"]) == N_NEW, "no stop token within 8 tokens for this prompt"
-    assert {layer["policy"] for layer in s["layers"]} == {kvcache.POLICIES[policy].__name__}
+    assert {layer["policy"] for layer in s["layers"]} == {policies.POLICIES[policy].__name__}
     if policy == "full":
         assert s["kept_tokens"] == s["seen_tokens"]
     else:
@@ -71,7 +71,7 @@ def test_every_policy_generates_on_smollm2(policy):
 def test_every_shipped_config_generates_on_smollm2(config):
     r = run("--cache_config", config.stem)
     assert len(r["token_ids"]) == N_NEW
-    assert {x["policy"] for x in r["stats"]["layers"]} == {kvcache.POLICIES[s].__name__ for s in strategies_of(config)}
+    assert {x["policy"] for x in r["stats"]["layers"]} == {policies.POLICIES[s].__name__ for s in strategies_of(config)}
 
 
 def test_local_global_alternates_window_and_full_layers():

@@ -16,9 +16,10 @@ from torch._dynamo.utils import counters
 
 import cache as kvcache
 import generate
+import policies
+import runtime
 from model import ModelArgs, random_model
 from tests.test_generate_cli import PROMPT, cli_json, memoised_smol  # noqa: F401 (memoised_smol: autouse fixture)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # SmolLM2 through generate.py: --compile gives the eager tokens
@@ -63,8 +64,8 @@ POLICY_FLAGS = {
 
 def cache_args(strategies, **extra):
     p = argparse.ArgumentParser()
-    kvcache.add_cache_args(p)
-    a = kvcache.parse_args(p, ["--cache_strategy", *strategies, "--cache_strategy_pattern", "repeat"])
+    policies.add_cache_args(p)
+    a = policies.parse_args(p, ["--cache_strategy", *strategies, "--cache_strategy_pattern", "repeat"])
     flags = dict(BASE_FLAGS)
     for s in strategies:
         flags.update(POLICY_FLAGS.get(s, {}))
@@ -75,22 +76,23 @@ def cache_args(strategies, **extra):
 
 
 def own_debug_path(name):
-    """Policies that insert tokens their own way (their own update) measure the attention loss their own way."""
-    cls = kvcache.POLICIES[name]
+    """Policies that insert tokens or keep the prompt their own way (their own update, prompt_keep or
+    write_prompt): the base class's attention-loss meter must still see every token."""
+    cls = policies.POLICIES[name]
     base = kvcache.KVCache
-    return cls.update is not base.update or cls.measure_lost_attention is not base.measure_lost_attention
+    return any(getattr(cls, f) is not getattr(base, f) for f in ("update", "prompt_keep", "write_prompt"))
 
 
 def layer_groups():
     """(name, strategies, extra args) per group of layers; each group is built by build_caches on its own.
     Debug layers: full, recent_global (the base-class path every scored policy shares) and every policy with its
     own update; one layer per policy there would add compile time without another code path."""
-    everything = sorted(kvcache.POLICIES)
+    everything = sorted(policies.POLICIES)
     debug = ["full", "recent_global"] + [s for s in everything
                                          if s not in ("full", "recent_global") and own_debug_path(s)]
     return [
         ("plain", everything, {}),
-        ("position_cache", [s for s in SCORED if s in kvcache.POLICIES], {"position_mode": "cache"}),
+        ("position_cache", [s for s in SCORED if s in policies.POLICIES], {"position_mode": "cache"}),
         ("debug", debug, {"debug_attention_loss": True}),
     ]
 
@@ -107,7 +109,7 @@ def tiny():
     max_seq = PROMPT_LEN + STEPS + 1
     caches, names = [], []
     for group, strategies, extra in groups:
-        built = kvcache.build_caches(cache_args(strategies, **extra), len(strategies), cfg.n_local_heads,
+        built = policies.build_caches(cache_args(strategies, **extra), len(strategies), cfg.n_local_heads,
                                      cfg.head_dim, 1, max_seq, torch.float32, "cpu", prompt_len=PROMPT_LEN)
         caches += built
         names += [(group, s) for s in strategies]
@@ -136,11 +138,11 @@ def run_tiny(model, prompt, decode_fn, n_new):
 @pytest.fixture(scope="module")
 def tiny_runs(tiny):
     model, prompt, names = tiny
-    eager = run_tiny(model, prompt, generate.decode_one_token, STEPS + 1)
+    eager = run_tiny(model, prompt, runtime.decode_one_token, STEPS + 1)
     torch._dynamo.reset()
     counters.clear()
     with torch._inductor.config.patch(fallback_random=True):  # were anything to draw, compiled == eager draws
-        compiled_fn = torch.compile(generate.decode_one_token, fullgraph=True)
+        compiled_fn = torch.compile(runtime.decode_one_token, fullgraph=True)
         run_tiny(model, prompt, compiled_fn, 2)  # prefill + one compiled decode step
         graphs_after_first_step = counters["stats"]["unique_graphs"]
         with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile fails loudly, naming its guard
@@ -150,7 +152,7 @@ def tiny_runs(tiny):
 
 def test_every_registered_policy_is_on_the_tiny_model(tiny):
     _, _, names = tiny
-    assert {s for g, s in names if g == "plain"} == set(kvcache.POLICIES)
+    assert {s for g, s in names if g == "plain"} == set(policies.POLICIES)
     assert {s for g, s in names if g == "position_cache"} == set(SCORED)
     assert {"full", "recent_global"} <= {s for g, s in names if g == "debug"}
 
@@ -202,12 +204,12 @@ def test_compiled_prefill_does_not_recompile_per_prompt_length():
                     intermediate_size=128, block_size=512)
     model = random_model(cfg, "cpu", torch.float32, seed=0)
     max_seq = 80
-    caches = kvcache.build_caches(cache_args(strategies), len(strategies), 2, 16, 1, max_seq, torch.float32, "cpu",
+    caches = policies.build_caches(cache_args(strategies), len(strategies), 2, 16, 1, max_seq, torch.float32, "cpu",
                                   prompt_len=64)
     model.setup_caches(max_seq, lambda i: caches[i])
     torch._dynamo.reset()
     counters.clear()
-    prefill_fn, _ = generate.compile_fns("cpu", False, True)
+    prefill_fn, _ = runtime.compile_fns("cpu", False, True)
     graphs = []
     for n in (30, 37, 45, 58):  # every one longer than the 16-slot budgets: the compression path each time
         generate.generate(model, list(range(1, n + 1)), 1, prefill_fn=prefill_fn)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import convert_hf_checkpoint as conv  # noqa: E402
 import download as dl  # noqa: E402
+
 from cache import FullCache  # noqa: E402
 from model import load_model  # noqa: E402
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import cache as kvcache
 import eval as ev
-import generate as gen
 import metrics as M
+import policies
+import runtime
 import tasks as T
+from model import ModelArgs
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "datasets"
@@ -81,7 +82,7 @@ def test_llm_judge_skipped_without_key(monkeypatch):
 def _parse(argv):
     p, cache_dests = ev.build_parser()
     defaults = {a.dest: a.default for a in p._actions}
-    return kvcache.parse_args(p, argv), defaults, cache_dests
+    return policies.parse_args(p, argv), defaults, cache_dests
 
 
 def test_config_name_same_for_yaml_and_flags():
@@ -115,7 +116,7 @@ def run_eval(tmp, *args, capsys=None):
 
 def test_eval_writes_results_and_skips(tmp_path, smol_dir, capsys, monkeypatch):
     calls = {"setup": 0, "compile": 0}
-    real_setup, real_compile = kvcache.setup, gen.compile_fns
+    real_setup, real_compile = policies.setup, runtime.compile_fns
 
     def count_setup(*a, **k):
         calls["setup"] += 1
@@ -125,8 +126,8 @@ def test_eval_writes_results_and_skips(tmp_path, smol_dir, capsys, monkeypatch):
         calls["compile"] += 1
         return real_compile(*a, **k)
 
-    monkeypatch.setattr(kvcache, "setup", count_setup)
-    monkeypatch.setattr(gen, "compile_fns", count_compile)
+    monkeypatch.setattr(policies, "setup", count_setup)
+    monkeypatch.setattr(runtime, "compile_fns", count_compile)
     args = ["--tasks", "niah_single_1", "vt", "--task_opts", "vt.icl=False", "--cache_strategy", "recent_global",
             "--max_cache_length", "0.5"]
     err = run_eval(tmp_path, *args, capsys=capsys)
@@ -174,12 +175,12 @@ def test_eval_writes_results_and_skips(tmp_path, smol_dir, capsys, monkeypatch):
 def test_full_cache_loglikelihood_matches_forward(smol_model, smol_tokenizer):
     """The prefill + decode-step log-likelihood equals one causal forward over prompt + choice (full cache)."""
     p, dests = ev.build_parser()
-    a = kvcache.parse_args(p, ["--cache_strategy", "full"])
+    a = policies.parse_args(p, ["--cache_strategy", "full"])
     model = smol_model
     prompt = smol_tokenizer.encode("Question: What colour is the sky on a clear day?\nAnswer:")
     cont = smol_tokenizer.encode(" It is blue.", bos=False)
     n = len(prompt) + len(cont)
-    kvcache.setup(model, a, batch_size=1, prompt_len=len(prompt), max_seq_length=n)
+    policies.setup(model, a, batch_size=1, prompt_len=len(prompt), max_seq_length=n)
     rt = ev.Runtime(a, model, smol_tokenizer, "cpu", n)
     with torch.no_grad():
         logits = rt.prompt_logits(prompt)
@@ -194,20 +195,15 @@ def test_full_cache_loglikelihood_matches_forward(smol_model, smol_tokenizer):
     assert lp == pytest.approx(ref, abs=2e-3)
 
 
-@pytest.mark.parametrize("runner", ["perplexity.py", "eval.py"])
-def test_streaming_ppl_full_matches_forward(tmp_path, smol_model, smol_tokenizer, capsys, monkeypatch, runner):
-    """Token-by-token perplexity with the full cache equals the teacher-forced perplexity of one forward, through
-    perplexity.py's streaming_nll when it is there and through eval.py's own loop otherwise."""
-    if runner == "perplexity.py" and ev._perplexity_module() is None:
-        pytest.skip("perplexity.py is not there")
-    if runner == "eval.py":
-        monkeypatch.setattr(ev, "_perplexity_module", lambda: None)
+def test_streaming_ppl_full_matches_forward(tmp_path, smol_model, smol_tokenizer, capsys):
+    """Token-by-token perplexity with the full cache (perplexity.streaming_nll) equals the teacher-forced perplexity
+    of one forward."""
     run_eval(tmp_path, "--tasks", "ppl", "--seq_length", "48", "--num_samples", "1", "--cache_strategy", "full",
              "--task_opts", "text=stdlib", "checkpoints=16,32", capsys=capsys)
     m = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     ids = T.get_task("ppl", text="stdlib").build(T.PromptEncoder(smol_tokenizer, True), 48, 1, 0)[0]["ids"]
     p, _ = ev.build_parser()
-    kvcache.setup(smol_model, kvcache.parse_args(p, ["--cache_strategy", "full"]), 1, 48, 48)
+    policies.setup(smol_model, policies.parse_args(p, ["--cache_strategy", "full"]), 1, 48, 48)
     with torch.no_grad():
         logits = smol_model(torch.tensor([ids]), torch.arange(48), prefill=True)[0]
     nll = [-float(torch.log_softmax(logits[i], -1)[ids[i + 1]]) for i in range(47)]
@@ -215,7 +211,7 @@ def test_streaming_ppl_full_matches_forward(tmp_path, smol_model, smol_tokenizer
     assert m["ppl_at"]["16"] == pytest.approx(math.exp(sum(nll[:16]) / 16), rel=2e-3)
     assert list(m["ppl_at"]) == ["16", "32", "47"] and m["higher_is_better"] is False
     pred = json.loads(next(tmp_path.rglob("predictions.jsonl")).read_text().splitlines()[0])
-    assert pred["runner"] == ("perplexity.streaming_nll" if runner == "perplexity.py" else "eval.run_perplexity")
+    assert pred["runner"] == "perplexity.streaming_nll"
 
 
 def test_multiple_choice_and_longbench_from_fixtures(tmp_path, smol_dir, capsys):
@@ -257,16 +253,12 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
 
 
 def test_hybrid_gets_token_classes(smol_model, smol_tokenizer):
-    """FastGen's special/punctuation tables are installed after the caches are set up (no-op for others)."""
-    pytest.importorskip("hybrid")
+    """policies.setup installs FastGen's special/punctuation tables when given the tokenizer."""
     p, _ = ev.build_parser()
-    kvcache.setup(smol_model, kvcache.parse_args(p, ["--cache_strategy", "hybrid", "--max_cache_length", "0.5"]),
-                  1, 64, 64)
-    ev.install_token_classes(smol_model, smol_tokenizer)
+    policies.setup(smol_model, policies.parse_args(p, ["--cache_strategy", "hybrid", "--max_cache_length", "0.5"]),
+                   1, 64, 64, tokenizer=smol_tokenizer)
     c = smol_model.caches[0]
     assert c.punct_ids.numel() == smol_model.config.vocab_size and bool(c.punct_ids[smol_tokenizer.encode(".")[0]])
-    kvcache.setup(smol_model, kvcache.parse_args(p, ["--cache_strategy", "l2"]), 1, 64, 64)
-    ev.install_token_classes(smol_model, smol_tokenizer)  # nothing to do
 
 
 def test_batched_eval_equals_one_at_a_time(tmp_path, smol_dir, capsys):
@@ -289,3 +281,27 @@ def test_batched_eval_equals_one_at_a_time(tmp_path, smol_dir, capsys):
     with pytest.raises(SystemExit):
         run_eval(tmp_path / "bad", "--tasks", "ppl", "--batch_size", "2")
     assert "--batch_size 1" in capsys.readouterr().err
+
+
+def test_compile_prefill_equals_eager(tmp_path):
+    """--compile_prefill compiles the prompt step without fullgraph: heavy_hitter compresses a prompt longer than
+    its budget on the host (SnapKV), which a fullgraph prefill cannot trace. Multiple-choice scoring runs through
+    that prefill; compiled and eager log-probabilities agree."""
+    from tests.test_tp import save_checkpoint
+
+    folder = save_checkpoint(tmp_path / "tiny", ModelArgs(name="tiny-eval", vocab_size=320, n_layer=2, n_head=4,
+                                                           n_local_heads=2, dim=64, intermediate_size=128,
+                                                           block_size=512))
+    args = ["--checkpoint_path", str(folder / "model.pth"), "--tasks", "gsm8k_mc", "--data_dir", str(FIXTURES),
+            "--cache_strategy", "heavy_hitter", "--max_cache_length", "64", "--observation_window", "8"]
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile_prefill"])):
+        torch._dynamo.reset()
+        run_eval(tmp_path / name, *args, *extra)
+        preds = next((tmp_path / name).rglob("predictions.jsonl"))
+        runs[name] = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert [p["prompt_tokens"] for p in runs["eager"]] == [p["prompt_tokens"] for p in runs["compiled"]]
+    assert min(p["prompt_tokens"] for p in runs["eager"]) > 64  # the prompts were compressed
+    for a, b in zip(runs["eager"], runs["compiled"]):
+        assert a["prediction"] == b["prediction"]
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-3)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 import compare_strategies as cs
-import parallelize_evals as pe
 import visualize_eviction as ve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,4 +147,6 @@ def test_visualize_per_head_and_error(tmp_path, smol_dir):
     d = json.loads(js.read_text())
     assert len(d["rows"]) == 90 and d["rows"][1] == "L0.h1"
     assert all(len(k) == 32 for k in d["kept"])  # each KV head keeps its own 32 positions
-    assert ve.main(["--cache_strategy", "nope", "--out", str(png)]) == 2
+    with pytest.raises(SystemExit) as e:
+        ve.main(["--cache_strategy", "nope", "--out", str(png)])
+    assert e.value.code == 2

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import cache as kvcache
 import generate
+import policies
+import quantize
 
 REPO = Path(__file__).resolve().parent.parent
 SMOL_DIR = REPO / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"  # as conftest.py's smol_dir
@@ -36,9 +37,9 @@ _MODELS = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def memoised_smol(smol_model):
-    """generate.load_model returns the session's fp32 SmolLM2 for the default checkpoint (and converts it once per
+    """quantize.load_model returns the session's fp32 SmolLM2 for the default checkpoint (and converts it once per
     other dtype); any other checkpoint path is loaded for real, so loader errors are still the program's own."""
-    real = generate.load_model
+    real = quantize.load_model
     _MODELS[(SMOL_DIR.absolute() / "model.pth", "cpu", torch.float32)] = smol_model
 
     def load(weights, device, dtype):
@@ -50,7 +51,7 @@ def memoised_smol(smol_model):
         return _MODELS[key]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generate, "load_model", load)
+        mp.setattr(quantize, "load_model", load)
         yield
     _MODELS.clear()  # the bfloat16 copy is not kept for the rest of the session
 
@@ -233,7 +234,7 @@ def test_bad_values_before_loading(capsys, argv, expect):
 
 def test_unknown_cache_strategy_names_the_allowed_ones(capsys):
     line = cli_error(capsys, "--prompt", "hi", "--cache_strategy", "clairvoyant")
-    assert "clairvoyant" in line and all(name in line for name in kvcache.POLICIES)
+    assert "clairvoyant" in line and all(name in line for name in policies.POLICIES)
 
 
 def test_budget_smaller_than_sinks_plus_window(capsys):

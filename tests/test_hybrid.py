@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
-import cache
-from hybrid import HYBRID_POLICIES, HybridCache, hybrid_stats, set_token_classes, token_class_tables
+import policies
+import runtime
+from hybrid import HYBRID_POLICIES, HybridCache, hybrid_stats, token_class_tables
 from model import attention
 from tests import reference_hybrid as ref
 from tests.policy_harness import as_tensor, engine_run, kept_positions, random_stream
@@ -170,7 +171,7 @@ def test_never_over_budget_and_masks_follow_the_policy(seed):
 def test_full_heads_behave_like_heavy_hitter():
     q, k, v = random_stream(12 + 40, H, HKV, D, seed=3)
     ids = token_stream(12 + 40, 3)
-    c = make_cache(16, 2, 3, min_recovery_frac=2.0)  # no candidate reaches it: every head is full
+    c = make_cache(16, 2, 3, min_recovery_frac=1.0)  # only `full` recovers everything: every head is full
     ours, _ = drive(c, q, k, v, ids, 12, 40)
     assert c.head_policies() == ["full", "full"]
     hh, _ = engine_run("heavy_hitter", 16, 2, 3, q, k, v, 12, 40)
@@ -211,10 +212,9 @@ class FakeTokenizer:
         return ".,;!?"[i % 5] if i % 7 == 0 else f" w{i}"
 
 
-def test_set_token_classes_installs_one_shared_table_pair():
+def test_setup_installs_one_shared_table_pair():
     model = tiny_model()
-    model.setup_caches(64, lambda i: HybridCache(1, 2, 16, 32, torch.float32, layer_idx=i, max_seq_length=64))
-    assert set_token_classes(model, FakeTokenizer()) == 2
+    policies.setup(model, cache_strategy="hybrid", max_cache_length=32, max_seq_length=64, tokenizer=FakeTokenizer())
     a, b = model.caches
     assert a.special_ids is b.special_ids and a.special_ids[:2].tolist() == [True, True]
     assert a.punct_ids.nonzero().flatten().tolist() == [i for i in range(7, 256, 7)]
@@ -223,10 +223,10 @@ def test_set_token_classes_installs_one_shared_table_pair():
 
 def test_config_and_flags_build_hybrid_caches():
     p = argparse.ArgumentParser()
-    cache.add_cache_args(p)
-    args = cache.parse_args(p, ["--cache_config", "hybrid", "--min_recovery_frac", "0.9"])
-    caches = cache.build_caches(args, 2, 2, 8, 1, 200, torch.float32, "cpu")
-    assert cache.POLICIES["hybrid"] is HybridCache
+    policies.add_cache_args(p)
+    args = policies.parse_args(p, ["--cache_config", "hybrid", "--min_recovery_frac", "0.9"])
+    caches = policies.build_caches(args, 2, 2, 8, 1, 200, torch.float32, "cpu")
+    assert policies.POLICIES["hybrid"] is HybridCache
     assert all(isinstance(c, HybridCache) for c in caches)
     assert caches[0].min_recovery_frac == 0.9 and caches[0].hybrid_local_ratio == 0.3
     assert caches[0].kv_budget == 100  # max_cache_length 0.5 of 200
@@ -244,16 +244,17 @@ def test_compiled_decode_is_one_graph_and_matches_eager():
             w[32:64] *= 20
             w[80:96] *= 20
     prompt = [int(x) for x in torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(0))]
+    special, punct = token_class_tables(FakeTokenizer(), 256)
     model.setup_caches(91, lambda i: HybridCache(1, 2, 16, 24, torch.float32, layer_idx=i, n_layers=2,
                                                   max_seq_length=91, global_tokens=2, recent_window=3,
-                                                  min_recovery_frac=[0.25, 0.87][i]))
-    set_token_classes(model, FakeTokenizer())
+                                                  min_recovery_frac=[0.25, 0.87][i], special_ids=special,
+                                                  punct_ids=punct))
     eager, _ = generate.generate(model, prompt, 51)  # 40-token prompt > 24 slots: compressed, then 50 steps
     policies = hybrid_stats(model)
     assert len({name for layer in policies["layers"] for name in layer["head_policies"]}) >= 3  # mixed heads
     torch._dynamo.reset()
     counters.clear()
-    step = torch.compile(generate.decode_one_token, fullgraph=True)
+    step = torch.compile(runtime.decode_one_token, fullgraph=True)
     compiled, _ = generate.generate(model, prompt, 51, decode_fn=step)
     assert counters["stats"]["unique_graphs"] == 1
     assert compiled == eager

@@ -6,9 +6,9 @@ import argparse
 import pytest
 import torch
 
-import cache as kvcache
-import generate
 import model
+import policies
+import runtime
 from lacache import LaCache, ladder_params, ladder_schedule, ladder_shape
 
 try:  # tests/ is on sys.path under pytest's default import mode (no tests/__init__.py) ...
@@ -25,7 +25,7 @@ def make_layers(L, S, O, C, S0, max_seq=400, position_mode="absolute"):
                       overlap=O, start_size=S0, position_mode=position_mode) for i in range(L)]
     cos, sin = model.rope_tables(model.ModelArgs(n_head=H, n_local_heads=HKV, dim=H * D), max_seq)
     for c in layers:
-        c.rope_cos, c.rope_sin = cos, sin
+        c.set_rope(cos, sin)
     return layers
 
 
@@ -119,7 +119,8 @@ def test_long_prompt_prefill_stores_the_kept_tokens_k_and_v():
         c.prefill(torch.arange(T), k, v, torch.zeros(1, H, T, D))
         n = len(want)
         assert c.pos[0, 0, :n].tolist() == want and int(c.seen) == T
-        assert torch.equal(c.k[:, :, :n], k[:, :, want]) and torch.equal(c.v[:, :, :n], v[:, :, want])
+        k_rot = model.apply_rope(k, c.rope_cos[:T], c.rope_sin[:T])  # absolute mode: stored at their positions
+        assert torch.equal(c.store.k[:, :, :n], k_rot[:, :, want]) and torch.equal(c.store.v[:, :, :n], v[:, :, want])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def test_buffer_holds_C_plus_half_R_slots_and_reports_it():
     L, S, O, C, S0 = 6, 1, 0, 20, 2
     assert ladder_shape(L, S, O) == (6, 1, 5)
     c = make_layers(L, S, O, C, S0)[0]
-    assert c.kv_budget == C + 5 // 2 == c.k.shape[2] == c.pos.shape[2]
+    assert c.kv_budget == C + 5 // 2 == c.store.k.shape[2] == c.pos.shape[2]
     assert c.ladder_budget == C
 
 
@@ -201,10 +202,10 @@ def test_cache_mode_rotates_keys_and_query_by_rank():
     n = len(slots)
     assert pos[slots].tolist() == ref.lacache_keep(46, L, S, O, C, S0)[3]
     assert slots != sorted(slots), "the test needs slots out of position order"
-    want_k = model.apply_rope(c.k[:, :, slots], c.rope_cos[:n], c.rope_sin[:n])
+    want_k = model.apply_rope(c.store.k[:, :, slots], c.rope_cos[:n], c.rope_sin[:n])
     assert torch.allclose(k_att[:, :, slots], want_k, atol=1e-6)
     assert torch.allclose(q_att, model.apply_rope(q, c.rope_cos[n - 1], c.rope_sin[n - 1]), atol=1e-6)
-    assert v_att is c.v and torch.equal(mask[0, :, 0], c.pos[0] >= 0)
+    assert v_att is c.store.v and torch.equal(mask[0, :, 0], c.pos[0] >= 0)
 
 
 def test_absolute_mode_returns_the_stored_keys():
@@ -214,7 +215,8 @@ def test_absolute_mode_returns_the_stored_keys():
     c = layers[0]
     k, q = torch.randn(1, HKV, 1, D), torch.randn(1, H, 1, D)
     q_att, k_att, _, _ = c.update(torch.tensor([45]), k, k, q)
-    assert not c.rotates_keys and q_att is q and k_att is c.k
+    assert not c.rotates_keys and k_att is c.store.k
+    assert torch.equal(q_att, model.apply_rope(q, c.rope_cos[45], c.rope_sin[45]))  # at its absolute position
     assert kept(c) == ref.lacache_keep(46, 8, 4, 0, 24, 2)[0]
 
 
@@ -228,18 +230,18 @@ PROMPT, N = 4, 64
 
 def cache_args(*extra):
     p = argparse.ArgumentParser()
-    kvcache.add_cache_args(p)
-    return kvcache.parse_args(p, ["--cache_strategy", "lacache", "--max_cache_length", str(TC), "--span", str(TS),
+    policies.add_cache_args(p)
+    return policies.parse_args(p, ["--cache_strategy", "lacache", "--max_cache_length", str(TC), "--span", str(TS),
                                   "--overlap", str(TO), "--start_size", str(TS0), "--recent_window", "0", *extra])
 
 
 def tiny_run(step):
     m = model.random_model(model.ModelArgs(**TINY), "cpu", torch.float32, seed=0)
-    caches = kvcache.setup(m, cache_args(), batch_size=1, prompt_len=PROMPT, max_seq_length=N)
+    caches = policies.setup(m, cache_args(), batch_size=1, prompt_len=PROMPT, max_seq_length=N)
     tokens = [(7 * t + 3) % 256 for t in range(N)]  # teacher forcing: a fixed token stream
     out, kept_steps = [], []
     with torch.no_grad():
-        generate.prefill(m, torch.tensor([tokens[:PROMPT]]), torch.arange(PROMPT))
+        runtime.prefill(m, torch.tensor([tokens[:PROMPT]]), torch.arange(PROMPT))
         for t in range(PROMPT, N):
             out.append(int(step(m, torch.tensor([[tokens[t]]]), torch.tensor([t])).clone()))
             kept_steps.append([kept(c) for c in caches])
@@ -253,10 +255,10 @@ def compiled_and_eager():
     try:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        compiled = tiny_run(torch.compile(generate.decode_one_token, fullgraph=True))
+        compiled = tiny_run(torch.compile(runtime.decode_one_token, fullgraph=True))
         stats = dict(torch._dynamo.utils.counters["stats"])
         breaks = dict(torch._dynamo.utils.counters["graph_break"])
-        eager = tiny_run(generate.decode_one_token)
+        eager = tiny_run(runtime.decode_one_token)
     finally:
         torch.set_num_threads(threads)
     return compiled, eager, stats, breaks
@@ -281,7 +283,7 @@ def test_compiled_decode_equals_eager(compiled_and_eager):
     assert tok_c == tok_e and kept_c == kept_e
     for a, b in zip(caches_c, caches_e):
         assert torch.equal(a.pos, b.pos) and torch.equal(a.slot_rank, b.slot_rank)
-        assert torch.allclose(a.k, b.k, atol=1e-5) and torch.allclose(a.v, b.v, atol=1e-5)
+        assert torch.allclose(a.store.k, b.store.k, atol=1e-5) and torch.allclose(a.store.v, b.store.v, atol=1e-5)
 
 
 def test_compiled_decode_keeps_what_the_reference_keeps(compiled_and_eager):
@@ -295,21 +297,22 @@ def test_compiled_decode_keeps_what_the_reference_keeps(compiled_and_eager):
 # ---------------------------------------------------------------------------------------------------------------
 def build(*flags, n_layers=TL, max_seq_length=100):
     a = cache_args(*flags)
-    return kvcache.build_caches(a, n_layers, HKV, D, 1, max_seq_length, torch.float32, "cpu")
+    return policies.build_caches(a, n_layers, HKV, D, 1, max_seq_length, torch.float32, "cpu")
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--span", "0"], "--span must be >= 1"),
+    (["--span", "0"], "--span: must be >= 1"),
     (["--overlap", "1"], "--overlap must satisfy 0 <= overlap < span (1)"),
-    (["--span", "4", "--overlap", "-1"], "--overlap must satisfy"),
-    (["--start_size", "-1"], "--start_size must be >= 0"),
+    (["--span", "4", "--overlap", "-1"], "--overlap: must be >= 0"),
+    (["--start_size", "-1"], "--start_size: must be >= 0"),
     (["--span", "4"], "save no slot on a 4-layer model"),
     (["--max_cache_length", "6"], "the ladder needs at least --start_size (2) + n_layers (4) + 1"),
 ])
-def test_bad_configuration_is_one_clear_error(flags, message):
-    with pytest.raises(ValueError) as e:
+def test_bad_configuration_is_one_clear_error(flags, message, capsys):
+    """Out-of-range values stop at parsing (one `error:` line), inconsistent ones when the caches are built."""
+    with pytest.raises((ValueError, SystemExit)) as e:
         build(*flags)
-    text = str(e.value)
+    text = str(e.value) if e.type is ValueError else capsys.readouterr().err.strip()
     assert message in text and "\n" not in text
 
 
@@ -330,8 +333,8 @@ def test_position_mode_flag_reaches_the_cache():
 
 def test_shipped_yaml_config():
     p = argparse.ArgumentParser()
-    kvcache.add_cache_args(p)
-    a = kvcache.parse_args(p, ["--cache_config", "lacache"])
+    policies.add_cache_args(p)
+    a = policies.parse_args(p, ["--cache_config", "lacache"])
     assert a.cache_strategy == ["lacache"] and (a.span, a.overlap, a.start_size) == (16, 0, 4)
-    caches = kvcache.build_caches(a, 30, HKV, D, 1, 400, torch.float32, "cpu")
+    caches = policies.build_caches(a, 30, HKV, D, 1, 400, torch.float32, "cpu")
     assert {type(c) for c in caches} == {LaCache} and caches[0].kv_budget == 200

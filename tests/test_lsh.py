@@ -32,7 +32,7 @@ def test_hamming_distance_counts_differing_bits():
 def test_hash_buffer_is_packed_and_counted_in_memory(lsh_dim, n_bytes):
     c = lsh_cache(lsh_dim)
     assert c.hashes.dtype == torch.uint8 and c.hashes.shape == (1, 1, 8, n_bytes)
-    kv = c.k.nbytes + c.v.nbytes + c.pos.nbytes + c.seen.nbytes
+    kv = c.store.k.nbytes + c.store.v.nbytes + c.pos.nbytes + c.seen.nbytes
     tables = c.proj.nbytes + c.bit_weights.nbytes + c.popcount.nbytes
     assert c.nbytes() == kv + c.hashes.nbytes + tables
 

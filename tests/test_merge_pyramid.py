@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-import cache  # first: cache.py registers merge_pyramid with its last line
 import generate
+import policies
+import runtime
 from merge_pyramid import MergePyramidCache, pool_pairs, pyramid_windows
 from model import ModelArgs, random_model
 from tests import reference_policies as ref
@@ -100,7 +101,7 @@ def test_pooled_kv_match_reference(pooling):
                 merges += len(r.slots) < before + 1
             n = int(c.n)
             assert n == len(r.slots)
-            for name, buf in (("k", c.k), ("v", c.v)):
+            for name, buf in (("k", c.store.k), ("v", c.store.v)):
                 want = torch.tensor([s[name] for s in r.slots], dtype=torch.float64).permute(1, 0, 2)
                 assert torch.equal(buf[0, :, :n], want), f"{pooling} {name} layer {layer} at {int(c.seen)}"
         assert merges >= 5
@@ -127,7 +128,7 @@ def test_sinks_are_never_merged(pooling):
     K = tensor(k, torch.float32)
     c = make_cache(N_LAYERS - 1, 6, 3.0, sinks, T, False, steps, pooling, torch.float32)
     for phase, _ in drive(c, k, v, T, steps, torch.float32):
-        assert torch.equal(c.k[:, :, :sinks], K[:, :, :sinks])  # bitwise
+        assert torch.equal(c.store.k[:, :, :sinks], K[:, :, :sinks])  # bitwise
         assert c.members()[:sinks] == [(p,) for p in range(sinks)]
     assert c.kept() < (T + steps) * HKV / 3  # many merges happened meanwhile
 
@@ -136,23 +137,23 @@ def test_windows_and_buffer_sizes():
     assert pyramid_windows(30, 512, 1.7) == ref.merge_pyramid_windows(30, 512, 1.7)
     assert pyramid_windows(7, 100, 0.3) == ref.merge_pyramid_windows(7, 100, 0.3)
     p = argparse.ArgumentParser()
-    cache.add_cache_args(p)
-    args = cache.parse_args(p, ["--cache_strategy", "merge_pyramid", "--initial_local_window", "40",
+    policies.add_cache_args(p)
+    args = policies.parse_args(p, ["--cache_strategy", "merge_pyramid", "--initial_local_window", "40",
                                 "--steepness_coefficient", "2.5"])
-    caches = cache.build_caches(args, 6, 2, 8, 1, 10_000, torch.float32, "cpu", prompt_len=3000)
+    caches = policies.build_caches(args, 6, 2, 8, 1, 10_000, torch.float32, "cpu", prompt_len=3000)
     windows = ref.merge_pyramid_windows(6, 40, 2.5)
     assert [c.local_window for c in caches] == windows
     assert [c.kv_budget for c in caches] == [4 + 2 * w + 2 for w in windows]  # the default sinks: 4
-    assert [c.k.shape[2] for c in caches] == [c.kv_budget for c in caches]
+    assert [c.store.k.shape[2] for c in caches] == [c.kv_budget for c in caches]
     # Capped by the longest sequence of the run.
-    caches = cache.build_caches(args, 6, 2, 8, 1, 50, torch.float32, "cpu", prompt_len=20)
+    caches = policies.build_caches(args, 6, 2, 8, 1, 50, torch.float32, "cpu", prompt_len=20)
     assert [c.kv_budget for c in caches] == [min(50, 4 + 2 * w + 2) for w in windows]
     # skip_prefill_compression: the whole prompt plus one appended token must fit.
-    args = cache.parse_args(p, ["--cache_strategy", "merge_pyramid", "--initial_local_window", "40",
+    args = policies.parse_args(p, ["--cache_strategy", "merge_pyramid", "--initial_local_window", "40",
                                 "--skip_prefill_compression"])
-    caches = cache.build_caches(args, 6, 2, 8, 1, 10_000, torch.float32, "cpu", prompt_len=3000)
+    caches = policies.build_caches(args, 6, 2, 8, 1, 10_000, torch.float32, "cpu", prompt_len=3000)
     assert {c.kv_budget for c in caches} == {3001}
-    caches = cache.build_caches(args, 6, 2, 8, 1, 10_000, torch.float32, "cpu")  # prompt length unknown
+    caches = policies.build_caches(args, 6, 2, 8, 1, 10_000, torch.float32, "cpu")  # prompt length unknown
     assert {c.kv_budget for c in caches} == {10_000}
 
 
@@ -179,21 +180,23 @@ def test_long_prompt_larger_than_the_buffer():
             assert list(zip(c.positions(), c.members())) == list(zip(r.positions(), r.members()))
 
 
-@pytest.mark.parametrize("flag,value,match", [
-    ("steepness_coefficient", 0.0, "--steepness_coefficient must be > 0"),
-    ("steepness_coefficient", -1.0, "--steepness_coefficient must be > 0"),
-    ("seq_pooling_type", "median", "--seq_pooling_type 'median'; allowed: mean, max, best"),
-    ("initial_local_window", 0, "--initial_local_window must be an integer >= 1"),
-    ("sink_tokens", -1, "--sink_tokens must be >= 0"),
+@pytest.mark.parametrize("flag,value,why", [
+    ("steepness_coefficient", 0.0, "must be > 0"),
+    ("steepness_coefficient", -1.0, "must be > 0"),
+    ("seq_pooling_type", "median", "must be one of mean, max, best, got 'median'"),
+    ("initial_local_window", 0, "must be >= 1"),
+    ("sink_tokens", -1, "must be >= 0"),
 ])
-def test_bad_hyperparameters_are_rejected(flag, value, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_hyperparameters_are_rejected(flag, value, why, capsys):
+    """The constructor and the command line give the same reason (one declaration per hyper-parameter)."""
+    with pytest.raises(ValueError, match=f"--{flag} {why}"):
         MergePyramidCache(1, 1, 8, 32, torch.float32, **{flag: value})
     p = argparse.ArgumentParser()
-    cache.add_cache_args(p)
-    args = cache.parse_args(p, ["--cache_strategy", "merge_pyramid", f"--{flag}", str(value)])
-    with pytest.raises(ValueError, match=match):
-        cache.build_caches(args, 2, 1, 8, 1, 64, torch.float32, "cpu", prompt_len=10)
+    policies.add_cache_args(p)
+    with pytest.raises(SystemExit):
+        policies.parse_args(p, ["--cache_strategy", "merge_pyramid", f"--{flag}", str(value)])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: argument --{flag}: {why}") and "\n" not in err
 
 
 def test_a_layer_without_window_is_rejected():
@@ -209,12 +212,12 @@ def test_quantized_cache_is_rejected():
 
 def test_shipped_config():
     p = argparse.ArgumentParser()
-    cache.add_cache_args(p)
-    args = cache.parse_args(p, ["--cache_config", "merge_pyramid"])
+    policies.add_cache_args(p)
+    args = policies.parse_args(p, ["--cache_config", "merge_pyramid"])
     assert args.cache_strategy == ["merge_pyramid"]
     assert (args.initial_local_window, args.steepness_coefficient, args.sink_tokens, args.seq_pooling_type) == \
         (512, 1.0, 4, "mean")
-    caches = cache.build_caches(args, 2, 1, 8, 1, 4096, torch.float32, "cpu", prompt_len=100)
+    caches = policies.build_caches(args, 2, 1, 8, 1, 4096, torch.float32, "cpu", prompt_len=100)
     assert [c.kv_budget for c in caches] == [4 + 2 * 512 + 2] * 2
 
 
@@ -227,18 +230,18 @@ def compiled_vs_eager():
                      block_size=512)
     model = random_model(args, "cpu", torch.float32)
     p = argparse.ArgumentParser()
-    cache.add_cache_args(p)
+    policies.add_cache_args(p)
     flags = ["--cache_strategy", "merge_pyramid", "--initial_local_window", "8", "--steepness_coefficient", "2",
              "--sink_tokens", "2", "--seq_pooling_type", "best"]
     rng = random.Random(0)
     prompt = [rng.randrange(256) for _ in range(20)]
     new = 64
-    cache.setup(model, cache.parse_args(p, flags), 1, len(prompt), len(prompt) + new)
+    policies.setup(model, policies.parse_args(p, flags), 1, len(prompt), len(prompt) + new)
     eager, _ = generate.generate(model, prompt, new)
-    eager_state = [(c.positions(), c.k.clone()) for c in model.caches]
+    eager_state = [(c.positions(), c.store.k.clone()) for c in model.caches]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    decode = torch.compile(generate.decode_one_token, fullgraph=True)
+    decode = torch.compile(runtime.decode_one_token, fullgraph=True)
     compiled, _ = generate.generate(model, prompt, new, decode_fn=decode)
     return dict(model=model, prompt=prompt, new=new, eager=eager, compiled=compiled, eager_state=eager_state,
                 graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])
@@ -251,7 +254,7 @@ def test_decode_compiles_once_and_matches_eager(compiled_vs_eager):
     assert r["compiled"] == r["eager"]
     for c, (positions, k) in zip(r["model"].caches, r["eager_state"]):
         assert c.positions() == positions
-        torch.testing.assert_close(c.k, k)
+        torch.testing.assert_close(c.store.k, k)
 
 
 def test_compiled_run_merged_several_times(compiled_vs_eager):
@@ -295,4 +298,5 @@ def test_generate_cli_rejects_bad_flag(smol_dir):
     r = run_cli("generate.py", "--cache_strategy", "merge_pyramid", "--seq_pooling_type", "median",
                 "--max_new_tokens", "2")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: unknown --seq_pooling_type 'median'; allowed: mean, max, best"]
+    assert r.stderr.strip().splitlines() == [
+        "error: argument --seq_pooling_type: must be one of mean, max, best, got 'median'"]

@@ -2,7 +2,8 @@
 import torch
 
 from cache import FullCache
-from generate import decode_one_token, generate, prefill, sample
+from generate import generate
+from sampling import sample
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 3029, 30, 378, 2, 198, 1, 4093, 198, 5248, 314, 260, 3458, 19]
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-import cache as kvcache
 import perplexity
+import policies
 
 try:  # tests/ is on sys.path under pytest's default import mode (no tests/__init__.py) ...
     import reference_policies as ref
@@ -26,9 +26,9 @@ def ids(smol_tokenizer):
 
 def setup(model, *flags):
     p = argparse.ArgumentParser()
-    kvcache.add_cache_args(p)
-    a = kvcache.parse_args(p, [str(f) for f in flags])
-    return kvcache.setup(model, a, batch_size=1, prompt_len=1, max_seq_length=N)
+    policies.add_cache_args(p)
+    a = policies.parse_args(p, [str(f) for f in flags])
+    return policies.setup(model, a, batch_size=1, prompt_len=1, max_seq_length=N)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cache import POLICIES
+from policies import POLICIES
 from tests import reference_policies as ref
 from tests.policy_harness import engine_run, random_stream
 
@@ -43,7 +43,7 @@ def test_random_matches_hashed_reference(prompt_len):
 @pytest.mark.parametrize("compressor", ["recent_global", "l2", "keep_it_odd", "heavy_hitter"])
 def test_prompt_compressors_match_reference(compressor):
     q, k, v = random_stream(50 + STEPS, H, HKV, D, seed=7)
-    ours, _ = engine_run("recent_global", C, G, R, q, k, v, 50, STEPS, prompt_compressor=compressor, **OBS)
+    ours, _ = engine_run("recent_global", C, G, R, q, k, v, 50, STEPS, prompt_compression_strategy=compressor, **OBS)
     expected = ref.run(ref.make_policy("recent_global", C, G, R, prompt_compressor=compressor, **OBS),
                        q, k, v, 50, STEPS)
     assert ours == expected

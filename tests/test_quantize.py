@@ -33,7 +33,7 @@ import torch
 
 import quantize
 from cache import FullCache
-from model import load_model
+from quantize import load_model
 
 TEXTS = [
     ("Explain why the sky is blue in two sentences.",

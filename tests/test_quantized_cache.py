@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-import cache
+import policies
 from cache import KVQuantizer, RecentGlobalCache, fused_attention
 from model import attention
 from tests.policy_harness import engine_run, random_stream
@@ -46,11 +46,11 @@ def test_eight_bit_attention_is_close_to_full_precision():
     assert exact == quant  # content-independent policy: same slots
     c8 = RecentGlobalCache(1, 2, 16, 24, torch.float32, cache_bits=8)
     kv = torch.randn(1, 2, 24, 16)
-    c8.write_slots(torch.arange(24).expand(1, 2, 24), kv, kv)
+    c8.store.write(torch.arange(24).expand(1, 2, 24), kv, kv)
     c8.pos.copy_(torch.arange(24).expand(1, 2, 24))
     qv = torch.randn(1, 4, 1, 16)
     mask = torch.ones(1, 2, 1, 24, dtype=torch.bool)
-    y8, _ = c8.attend(qv, None, None, mask)
+    y8, _ = c8.attend(qv, c8.keys(), c8.values(), mask)
     y, _ = attention(qv, kv, kv, mask)
     assert (y8 - y).abs().max() < 0.05
 
@@ -73,10 +73,10 @@ def test_compiled_quantized_attention_writes_no_full_precision_copy():
 
 def test_bad_cache_bits_is_rejected_with_allowed_values(capsys):
     p = argparse.ArgumentParser()
-    cache.add_cache_args(p)
+    policies.add_cache_args(p)
     with pytest.raises(SystemExit):
         p.parse_args(["--cache_bits", "3"])
-    assert "choose from 2, 4, 8" in capsys.readouterr().err
+    assert "must be one of 2, 4, 8, got 3" in capsys.readouterr().err
     with pytest.raises(ValueError, match="2, 4 or 8"):
         KVQuantizer(3, 64, 64)
     with pytest.raises(ValueError, match="must divide head_dim"):

@@ -15,8 +15,10 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-import cache as kvcache
 import generate
+import policies
+import runtime
+import sampling
 import speculative
 from model import ModelArgs, Transformer, random_model
 from tests.test_compile import cache_args
@@ -39,8 +41,8 @@ def one_thread():
 
 def setup_caches(model, flags: list, prompt_len: int, max_seq_length: int):
     p = argparse.ArgumentParser()
-    kvcache.add_cache_args(p)
-    kvcache.setup(model, kvcache.parse_args(p, flags), batch_size=1, prompt_len=prompt_len,
+    policies.add_cache_args(p)
+    policies.setup(model, policies.parse_args(p, flags), batch_size=1, prompt_len=prompt_len,
                   max_seq_length=max_seq_length)
 
 
@@ -165,7 +167,7 @@ def tiny_pair(names: list, n_new: int, noise: float):
             for p in m.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * p.std() * (noise if seed else 0.0))
         max_seq = TINY_PROMPT_LEN + n_new
-        caches = kvcache.build_caches(cache_args(names), len(names), cfg.n_local_heads, cfg.head_dim, 1, max_seq,
+        caches = policies.build_caches(cache_args(names), len(names), cfg.n_local_heads, cfg.head_dim, 1, max_seq,
                                       torch.float32, "cpu", prompt_len=TINY_PROMPT_LEN)
         m.setup_caches(max_seq, lambda i: caches[i])
         models.append(m)
@@ -180,15 +182,15 @@ def reference_accepted(draft, prompt: list, tokens: list, n_new: int, k: int) ->
     while n_new - n > k:  # speculative_generate's rounds (the last k tokens are plain target steps)
         for c in draft.caches:
             c.reset()
-        generate.prefill(draft, torch.tensor([prompt]), torch.arange(len(prompt)))
+        runtime.prefill(draft, torch.tensor([prompt]), torch.arange(len(prompt)))
         pos, proposals = len(prompt), []
         for t in tokens[:n]:  # teacher-forced; the step on tokens[n - 1] proposes d1
-            nxt = generate.decode_one_token(draft, torch.tensor([[t]]), torch.tensor([pos]))
+            nxt = runtime.decode_one_token(draft, torch.tensor([[t]]), torch.tensor([pos]))
             pos += 1
         for _ in range(k):
             proposals.append(int(nxt))
             if len(proposals) < k:
-                nxt = generate.decode_one_token(draft, nxt, torch.tensor([pos]))
+                nxt = runtime.decode_one_token(draft, nxt, torch.tensor([pos]))
                 pos += 1
         a = 0
         while a < k and proposals[a] == tokens[n + a]:
@@ -199,7 +201,7 @@ def reference_accepted(draft, prompt: list, tokens: list, n_new: int, k: int) ->
 
 
 def test_every_policy_on_a_tiny_model():
-    names = sorted(kvcache.POLICIES)
+    names = sorted(policies.POLICIES)
     n_new, k = 32, 2
     target, draft, prompt = tiny_pair(names, n_new, noise=0.2)
     plain, _ = generate.generate(target, prompt, n_new)
@@ -224,13 +226,13 @@ def test_every_policy_on_a_tiny_model():
                                  dict(temperature=1.0, top_p=0.8), dict(temperature=0.9, top_k=20, top_p=0.9)])
 def test_sampling_probs_is_the_distribution_generate_samples_from(cfg):
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 3
-    probs = speculative.sampling_probs(logits, **cfg)
+    probs = sampling.probabilities(logits, **cfg)
     assert torch.allclose(probs.sum(-1), torch.ones(1))  # normalised even after top_p: p / q ratios need it
     for seed in range(40):  # the same random numbers draw the same token
         torch.manual_seed(seed)
-        a = generate.sample(logits, **cfg)
+        a = sampling.sample(logits, **cfg)
         torch.manual_seed(seed)
-        assert torch.equal(speculative.draw(probs), a)
+        assert torch.equal(sampling.draw(probs), a)
 
 
 def tv(counts: torch.Tensor, p: torch.Tensor) -> float:

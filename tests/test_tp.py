@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import cache as kvcache
 import generate
+import policies
 import quantize
 import tp
 from model import ModelArgs, random_model
@@ -77,12 +77,12 @@ def policy_flags(policies: list) -> list:
 def runs(tmp_path_factory):
     """(single-process results, [rank 0's, rank 1's]) for every case of the spec."""
     tmp = tmp_path_factory.mktemp("tp")
-    policies = sorted(kvcache.POLICIES)
-    cfg = ModelArgs(name="tiny-tp", vocab_size=512, n_layer=len(policies), n_head=4, n_local_heads=2, dim=64,
+    names = sorted(policies.POLICIES)
+    cfg = ModelArgs(name="tiny-tp", vocab_size=512, n_layer=len(names), n_head=4, n_local_heads=2, dim=64,
                     intermediate_size=128, block_size=512)
     folder = save_checkpoint(tmp / "ckpt", cfg)
     quantize.quantize_checkpoint(folder / "model.pth", {"mode": "int8"})  # model_int8.pth beside it
-    every = policy_flags(policies)
+    every = policy_flags(names)
     spec = {"checkpoint": str(folder), "new_tokens": NEW,
             "prompt": torch.randint(0, 512, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist(),
             "cases": [{"name": "full", "cache": ["--cache_strategy", "full"]},
@@ -116,7 +116,7 @@ def test_every_policy_evicts(runs):
     """The comparison above is worth something only if the budgets bite: every layer but full's kept < seen."""
     single, ranks = runs
     layers = single["policies"]["stats"]["layers"]
-    assert sorted(x["policy"] for x in layers) == sorted(cls.__name__ for cls in kvcache.POLICIES.values())
+    assert sorted(x["policy"] for x in layers) == sorted(cls.__name__ for cls in policies.POLICIES.values())
     seen = single["policies"]["stats"]["seen_tokens"]
     assert seen == PROMPT_LEN + NEW - 1
     for x in layers:

@@ -4,7 +4,7 @@ in one process (run_cases), and saves what each rank computed.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/tp_driver.py SPEC.json OUT
 
 SPEC.json: {"checkpoint": folder, "prompt": [ids], "new_tokens": n, "cases": [{"name", "weights" (model.pth |
-model_int8.pth), "cache": [cache flags, as on generate.py's command line], "sampling" (optional: generate.sample's
+model_int8.pth), "cache": [cache flags, as on generate.py's command line], "sampling" (optional: sampling.sample's
 temperature / top_k / top_p, with tp.shared_seed's seed; greedy without)}]}. Each rank writes OUT.rank{r}.pt: per
 case the tokens, the logits of every step (prefill's last position, then each decode step), every layer's cached
 positions [1, Hkv / K, C] (this rank's KV heads) and the cache statistics summed over the ranks (tp.reduce_stats).
@@ -22,24 +22,26 @@ import torch  # noqa: E402
 
 import cache as kvcache  # noqa: E402
 import generate  # noqa: E402
+import policies  # noqa: E402
 import tp  # noqa: E402
-from model import load_model  # noqa: E402
+from quantize import load_model  # noqa: E402
+from sampling import sample  # noqa: E402
 
 
 def cache_args(argv: list):
     p = argparse.ArgumentParser()
-    kvcache.add_cache_args(p)
-    return kvcache.parse_args(p, [str(x) for x in argv])
+    policies.add_cache_args(p)
+    return policies.parse_args(p, [str(x) for x in argv])
 
 
 def run_case(model, prompt: list, new_tokens: int, cache_argv: list, sampling: dict) -> dict:
     max_seq = len(prompt) + new_tokens
-    kvcache.setup(model, cache_args(cache_argv), batch_size=1, prompt_len=len(prompt), max_seq_length=max_seq)
+    policies.setup(model, cache_args(cache_argv), batch_size=1, prompt_len=len(prompt), max_seq_length=max_seq)
     logits = []
 
     def pick(out):  # out: [1, T, vocab] -> the next token, keeping the last position's logits
         logits.append(out[:, -1].clone())
-        return generate.sample(out[:, -1], **sampling)
+        return sample(out[:, -1], **sampling)
 
     tokens, _ = generate.generate(model, prompt, new_tokens,
                                   prefill_fn=lambda m, x, pos, **_: pick(m(x, pos, prefill=True)),
