@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed import _functional_collectives as funcol
 
 from model import apply_rope, attention
 
@@ -88,7 +89,9 @@ def check_params(params: dict, values: dict, owner: str = "") -> dict:
     return {name: p.check(name, values.get(name, p.default)) for name, p in params.items()}
 
 
-PROMPT_COMPRESSORS = ("recent_global", "random", "l2", "heavy_hitter", "keep_it_odd")
+PROMPT_COMPRESSORS = ("recent_global", "random", "l2", "heavy_hitter", "keep_it_odd", "lsh", "keydiff", "tova",
+                      "expected_attention")
+KEEP_SET_RULES = ("topk", "chunkkv", "criticalkv", "adakv")
 
 # The engine's own knobs, shared by every policy (constructor arguments of KVCache, flags of policies.py).
 CACHE_PARAMS = {
@@ -107,6 +110,16 @@ CACHE_PARAMS = {
     "cache_group_size": Param(int, None, "channels sharing one scale with --cache_bits (default: head_dim)", min=1),
     "debug_attention_loss": Param(bool, False, "keep a shadow full cache and report the attention mass evicted "
                                                "tokens would get"),
+    "keep_set": Param(str, "topk", "how a long prompt's kept positions are chosen from the compressor's scores: topk "
+                                   "(per head), chunkkv (whole chunks), criticalkv (rescaled by |W_o v|, also while "
+                                   "decoding), adakv (head-adaptive budgets within a layer)", choices=KEEP_SET_RULES),
+    "chunkkv_size": Param(int, 20, "chunkkv: tokens per chunk", min=1),
+    "criticalkv_first_stage": Param(float, 0.5, "criticalkv: share of the budget chosen by the raw scores first",
+                                    min=0, max=1),
+    "criticalkv_epsilon": Param(float, 1e-4, "criticalkv: added to the scores before the |W_o v| rescaling", min=0),
+    "adakv_alpha": Param(float, 0.2, "adakv: share of its average budget every head keeps at least", min=0, max=1),
+    "adakv_cap": Param(float, 2.0, "adakv: slots per head as a multiple of the average budget (the memory "
+                                   "allocated; a head may hold up to this many)", min=1),
 }
 
 
@@ -258,13 +271,18 @@ class AttentionLossMeter(nn.Module):
 class KVCache(nn.Module):
     hyperparams = {}  # name -> Param: the policy's own knobs
     needs_attention = False  # True: each decode step's attention probabilities go to record_attention
+    needs_prompt_attention = False  # True: the prompt's attention probabilities go to observe_prompt_attention
     needs_tokens = False  # True: set_tokens gets the token ids (policies.setup installs token tables)
     default_prompt_compressor = "recent_global"
     default_position_mode = "absolute"
+    own_prompt_rule = False  # True: the policy keeps the prompt its own way (no prompt compressor, no keep-set rule)
+    never_evicts = False
+    rope_margin = 0  # RoPE table positions needed beyond max_seq_length
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype, *,
-                 max_seq_length: int = None, layer_idx: int = 0, n_layers: int = 1, **kw):
+                 max_seq_length: int = None, layer_idx: int = 0, n_layers: int = 1, n_heads: int = None, **kw):
         super().__init__()
+        self.n_heads = n_heads or n_kv_heads  # query heads (policies that keep per-query-head statistics)
         engine = {name: kw.pop(name) for name in list(kw) if name in CACHE_PARAMS}
         engine = check_params(CACHE_PARAMS, engine)
         for name, value in check_params(self.hyperparams, kw, type(self).__name__).items():
@@ -275,7 +293,15 @@ class KVCache(nn.Module):
         self.position_mode = engine["position_mode"] or self.default_position_mode
         self.rotates_keys = self.position_mode == "cache"  # keys stored un-rotated, rotated by rank at each step
         self.cache_bits, self.debug_attention_loss = engine["cache_bits"], engine["debug_attention_loss"]
+        self.keep_set = engine["keep_set"] if not self.never_evicts else "topk"  # full: nothing to choose
+        for name in ("chunkkv_size", "criticalkv_first_stage", "criticalkv_epsilon", "adakv_alpha"):
+            setattr(self, name, engine[name])
         self.rope_cos = self.rope_sin = None  # RoPE tables, from set_rope (the model's)
+        # budget: the tokens a KV head keeps on average; kv_budget: the slots each head's buffer holds (more under
+        # adakv, whose heads hold different numbers of tokens).
+        self.budget = kv_budget
+        if self.keep_set == "adakv":
+            kv_budget = min(math.ceil(engine["adakv_cap"] * kv_budget), max_seq_length or kv_budget)
         self.kv_budget = kv_budget
         self.max_seq_length = max_seq_length or kv_budget  # longest sequence the run may reach
         self.layer_idx, self.n_layers = layer_idx, n_layers
@@ -287,6 +313,16 @@ class KVCache(nn.Module):
         self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
         self.loss_meter = AttentionLossMeter(batch_size, n_kv_heads, self.max_seq_length, head_dim, dtype) \
             if self.debug_attention_loss else None
+        self.out_proj = None  # criticalkv: the layer's output projection per query head [H, D, dim], set_output_projection
+        self.head_group, self.head_world = None, 1  # tensor parallelism: the ranks that hold this layer's other heads
+        if self.keep_set == "criticalkv":  # |W_o v|_1 of each slot's value (mean over the query heads of its KV head)
+            self.register_buffer("slot_vnorm", torch.zeros(shape[:3]), persistent=False)
+        if self.own_prompt_rule and (engine["prompt_compression_strategy"] or self.keep_set != "topk"):
+            raise ValueError(f"{type(self).__name__} keeps the prompt by its own rule: --prompt_compression_strategy "
+                             "and --keep_set do not apply to it")
+        if self.prompt_compressor == "lsh" and not callable(getattr(type(self), "hash", None)):
+            raise ValueError("prompt compressor 'lsh' hashes with the lsh policy's projections: use it with "
+                             "--cache_strategy lsh")
 
     def policy_buffers(self):
         """Names of per-slot policy state (scores, hashes) that is reset with the cache."""
@@ -297,6 +333,8 @@ class KVCache(nn.Module):
             buf.zero_()
         self.pos.fill_(-1)
         self.seen.zero_()
+        if self.keep_set == "criticalkv":
+            self.slot_vnorm.zero_()
         for name in self.policy_buffers():
             getattr(self, name).zero_()
         if self.loss_meter is not None:
@@ -324,24 +362,39 @@ class KVCache(nn.Module):
         return apply_rope(x, self.rope_cos[input_pos], self.rope_sin[input_pos])
 
     # -- prefill -------------------------------------------------------------------------------------------
-    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None):
-        """Store the prompt: un-rotated k, v [B, Hkv, T, D] and q [B, H, T, D] at positions input_pos = 0..T-1.
+    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None) -> Tensor:
+        """The prompt: un-rotated k, v [B, Hkv, T, D] and q [B, H, T, D] at positions input_pos = 0..T-1. Returns
+        its causal self-attention y [B, H, T, D]; the cache then keeps what its policy keeps.
         row: which sequence of a batch of caches (a single cache holds one; None or 0)."""
         if row not in (None, 0):
             raise ValueError(f"a single cache has no sequence {row}")
         T = k.shape[2]
         k_rot, q_rot = self.rope(k, input_pos), self.rope(q, input_pos)
-        keep = self.prompt_keep(k_rot, q_rot)
+        y = self.prompt_attention(q_rot, k_rot, v)
+        keep = self.prompt_keep(k_rot, q_rot, v)
         self.write_prompt(input_pos, k if self.rotates_keys else k_rot, v, keep)
         self.seen.fill_(T)
         if self.loss_meter is not None:
             self.loss_meter.prefill(k_rot)
         self.after_prefill(k_rot, q_rot, keep)
+        return y
 
-    def prompt_keep(self, k: Tensor, q: Tensor):
+    def prompt_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal self-attention of the prompt (rotated q, k): the fused kernel, or, for policies that learn from the
+        prompt's attention (needs_prompt_attention), one streamed pass that also hands each chunk of probabilities
+        to observe_prompt_attention (so the attention is computed once, not again for the policy)."""
+        if not self.needs_prompt_attention:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return streamed_prompt_attention(q, k, v, self.observe_prompt_attention)
+
+    def observe_prompt_attention(self, start: int, probs: Tensor):
+        """probs [B, Hkv, c, T]: the causal attention of prompt queries start..start+c-1 (mean over each KV head's
+        query heads), for policies with needs_prompt_attention."""
+
+    def prompt_keep(self, k: Tensor, q: Tensor, v: Tensor):
         """The prompt positions to keep: None (all of them, T <= budget) or [B, Hkv, n <= C] increasing.
         k, q rotated at their positions. Policies with their own prompt rule override this."""
-        return None if k.shape[2] <= self.kv_budget else self.compress_prompt(k, q)
+        return None if k.shape[2] <= self.budget else self.compress_prompt(k, q, v)
 
     def write_prompt(self, input_pos: Tensor, k: Tensor, v: Tensor, keep):
         """Writes the kept prompt tokens (k in its stored form) into slots 0..n-1, in position order."""
@@ -350,43 +403,34 @@ class KVCache(nn.Module):
             self.store.write(torch.arange(T, device=k.device).expand(B, Hkv, T), k, v)
             self.pos[:, :, :T] = input_pos
             self.pos[:, :, T:] = -1
+            if self.keep_set == "criticalkv":
+                self.slot_vnorm[:, :, :T] = self.value_norms(v)
             return
         n = keep.shape[-1]
-        idx = keep.unsqueeze(-1).expand(-1, -1, -1, D)
+        idx = keep.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, D)  # -1: an empty slot (its K/V are never read)
         self.store.write(torch.arange(n, device=k.device).expand_as(keep), k.gather(2, idx), v.gather(2, idx))
         self.pos[:, :, :n] = keep
         self.pos[:, :, n:] = -1
+        if self.keep_set == "criticalkv":
+            self.slot_vnorm[:, :, :n] = self.value_norms(v).gather(2, keep.clamp(min=0))
 
     def after_prefill(self, k: Tensor, q: Tensor, keep):
         """Seed per-slot state from the prompt (k, q rotated; keep: the kept positions, or None when all were)."""
 
-    def compress_prompt(self, k: Tensor, q: Tensor) -> Tensor:
-        """Pick kv_budget prompt positions per KV head: protected ones first, then the highest scores."""
+    def compress_prompt(self, k: Tensor, q: Tensor, v: Tensor) -> Tensor:
+        """kv_budget prompt positions per KV head [B, Hkv, C], increasing (-1 = an empty slot, keep-set rules that
+        keep fewer): the protected positions of the prompt compressor first, then its highest scores (ties to the
+        lower position), chosen by the keep-set rule (--keep_set)."""
         B, Hkv, T, _ = k.shape
-        C, G = self.kv_budget, self.global_tokens
-        name = self.prompt_compressor
+        score, recent = PROMPT_SCORERS[self.prompt_compressor](self, k, q, v)
         positions = torch.arange(T, device=k.device).expand(B, Hkv, T)
-        recent = self.recent_window
-        if name == "recent_global":
-            score, recent = positions.float(), C - G
-        elif name == "random":
-            score = hash_uniform(positions, 0, self.layer_idx)  # the same draw alone or batched
-        elif name == "l2":
-            score = -k.float().norm(dim=-1)  # keep the low-norm keys
-        elif name == "keep_it_odd":
-            score = (positions % 2 == 1).float() * T + positions  # odd positions first, newest first
-        elif name == "heavy_hitter":
-            score, recent = snapkv_scores(q, k, self.observation_window, self.pooling_kernel), self.observation_window
-        else:
-            raise ValueError(f"unknown prompt compressor {name!r}")
-        protected = (positions < G) | (positions >= T - recent)
-        if int(protected[0, 0].sum()) > C:
-            raise ValueError(f"prompt compressor {name!r} must keep {int(protected[0, 0].sum())} tokens "
-                             f"(sinks + window) but the budget is {C} slots; lower --observation_window")
-        score = score.masked_fill(protected, float("inf"))
-        # Ties go to the lower position: a tiny position penalty keeps topk deterministic.
-        keep = torch.topk(score.double() - positions * 1e-9, C, dim=-1).indices
-        return keep.sort(dim=-1).values
+        protected = (positions < self.global_tokens) | (positions >= T - recent)
+        n_protected = int(protected[0, 0].sum())
+        if n_protected > self.kv_budget:
+            raise ValueError(f"prompt compressor {self.prompt_compressor!r} must keep {n_protected} tokens (sinks + "
+                             f"window) but the budget is {self.kv_budget} slots; lower --observation_window or "
+                             "--recent_window")
+        return KEEP_SETS[self.keep_set](self, score.double(), protected, v)
 
     # -- decode --------------------------------------------------------------------------------------------
     def decode(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
@@ -418,8 +462,11 @@ class KVCache(nn.Module):
         Returns q, k, v, mask for attention (q and k rotated by rank in position_mode "cache")."""
         k_rot, q_rot = self.rope(k, input_pos), self.rope(q, input_pos)
         k_in, q_in = (k, q) if self.rotates_keys else (k_rot, q_rot)
-        slot = self.choose_slot(input_pos, k_in, q_in)  # [B, Hkv]
+        slot = self.choose_slot(input_pos, k_in, q_in) if self.keep_set != "adakv" else \
+            self.adakv_slot(input_pos, k_in, q_in)  # [B, Hkv]
         self.store.write(slot[:, :, None], k_in, v)
+        if self.keep_set == "criticalkv":
+            self.slot_vnorm.scatter_(2, slot[:, :, None], self.value_norms(v))
         self.pos.scatter_(2, slot[:, :, None], input_pos.view(-1, 1, 1).expand(slot.shape[0], slot.shape[1], 1))
         self.seen.add_(1)
         self.after_insert(slot, input_pos, k_in, q_in)
@@ -449,6 +496,8 @@ class KVCache(nn.Module):
 
     def choose_slot(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
         score = self.score(input_pos, k, q).float()
+        if self.keep_set == "criticalkv":  # CriticalKV's second stage, per slot: rescaled by the value's |W_o v|_1
+            score = (score + self.criticalkv_epsilon) * self.slot_vnorm
         pos = self.pos
         protected = (pos < self.global_tokens) | (pos >= input_pos.view(-1, 1, 1) - self.recent_window)
         score = score.masked_fill(protected, float("inf")).masked_fill(pos < 0, float("-inf"))
@@ -457,11 +506,71 @@ class KVCache(nn.Module):
     def score(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def adakv_slot(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
+        """--keep_set adakv while decoding: the layer keeps Hkv * budget tokens in all. Each head writes its new
+        token into its first empty slot (a head whose buffer is full first evicts its own lowest-scored slot); when
+        the layer then holds more than its budget, the lowest-scored unprotected slots of the whole layer go, from
+        heads above their floor (adakv_alpha * budget). Branch-free: static shapes."""
+        B, Hkv, C = self.pos.shape
+        score = self.score(input_pos, k, q).float()
+        pos = self.pos
+        occupied = pos >= 0
+        protected = (pos < self.global_tokens) | (pos >= input_pos.view(-1, 1, 1) - self.recent_window)
+        ranked = score.masked_fill(protected, float("inf")).masked_fill(~occupied, float("-inf"))
+        full = occupied.all(-1)  # [B, Hkv]
+        slot = torch.where(full, ranked.argmin(-1), (~occupied).to(torch.uint8).argmax(-1))
+        written = torch.zeros_like(occupied).scatter_(2, slot[:, :, None], True)
+        held = occupied.sum(-1)  # per head, before this step
+        floor = max(1, int(self.budget * self.adakv_alpha)) if self.adakv_alpha > 0 else 0
+        excess = (held.sum(-1) + (~full).sum(-1) - Hkv * self.budget).clamp(min=0)  # [B]
+        candidate = occupied & ~protected & ~written & (held > floor).unsqueeze(-1)
+        flat = score.masked_fill(~candidate, float("inf")).reshape(B, Hkv * C)
+        low = torch.topk(flat, Hkv, dim=-1, largest=False)  # ties: the lowest index (head, then slot)
+        evict = (torch.arange(Hkv, device=pos.device) < excess.unsqueeze(-1)) & torch.isfinite(low.values)
+        gone = torch.zeros(B, Hkv * C, dtype=torch.bool, device=pos.device).scatter_(1, low.indices, evict)
+        self.pos.masked_fill_(gone.view(B, Hkv, C), -1)
+        return slot
+
     def after_insert(self, slot: Tensor, input_pos: Tensor, k: Tensor, q: Tensor):
         """Per-slot state (scores, hashes) of the new token."""
 
     def record_attention(self, probs: Tensor):
         """probs [B, Hkv, G, 1, C]: this step's attention (policies with needs_attention)."""
+
+    # -- across KV heads (tensor parallelism splits them over processes) ------------------------------------
+    def set_head_group(self, group, world: int):
+        """Under torchrun (tp.py) each process holds world-th of the layer's heads; policies that combine heads
+        (tova's layer mean, chunkkv's chunk scores) reduce over this group. adakv's budgets are not split."""
+        if self.keep_set == "adakv":
+            raise ValueError("--keep_set adakv shares one budget across the layer's heads, which tensor parallelism "
+                             "splits over processes: not supported under torchrun")
+        self.head_group, self.head_world = group, world
+
+    def sum_over_heads(self, x: Tensor) -> Tensor:
+        """x [B, Hkv, ...] summed over every KV head of the layer (all ranks' under tensor parallelism), keepdim."""
+        total = x.sum(1, keepdim=True)
+        return total if self.head_group is None else funcol.all_reduce(total, "sum", self.head_group)
+
+    # -- criticalkv ---------------------------------------------------------------------------------------
+    def set_output_projection(self, weight: Tensor):
+        """The layer's output projection weight [dim, H * D] (dense; policies.setup passes it under criticalkv)."""
+        dim = weight.shape[0]
+        self.out_proj = weight.view(dim, -1, self.head_dim).permute(1, 2, 0)  # [H, D, dim], a view: no copy
+
+    def value_norms(self, v: Tensor) -> Tensor:
+        """|W_o,j v|_1 for v [B, Hkv, T, D], averaged over the query heads j of each KV head -> [B, Hkv, T]
+        (CriticalKV's projected value norm), in chunks of 512 tokens and one query head of each group at a time."""
+        if self.out_proj is None:
+            raise ValueError("--keep_set criticalkv needs the output projection (set up the caches with "
+                             "policies.setup, which gives it)")
+        B, Hkv, T, D = v.shape
+        W = self.out_proj.view(Hkv, -1, D, self.out_proj.shape[-1])  # [Hkv, G, D, dim]
+        out = []
+        for s in range(0, T, 512):
+            vc = v[:, :, s:s + 512].float()
+            out.append(sum(torch.einsum("bhtd,hde->bhte", vc, W[:, g].float()).abs().sum(-1)
+                           for g in range(W.shape[1])) / W.shape[1])
+        return torch.cat(out, dim=2)
 
     # -- storage and statistics ----------------------------------------------------------------------------
     def keys(self) -> Tensor:
@@ -481,8 +590,10 @@ class KVCache(nn.Module):
 
 
 def snapkv_scores(q: Tensor, k: Tensor, window: int, kernel: int) -> Tensor:
-    """SnapKV: attention of the last `window` prompt queries to each key (mean over window and GQA group),
-    smoothed by 1-D average pooling. q [B, H, T, D], k [B, Hkv, T, D] -> [B, Hkv, T]."""
+    """SnapKV (Li et al. 2024, arXiv 2404.14469): the attention of the last `window` prompt queries to each key
+    before the window (mean over the window and the GQA group), smoothed by 1-D average pooling over those keys
+    (zero padding counted, as SnapKV's code and kvpress); the window's own positions score +inf (always kept).
+    q [B, H, T, D], k [B, Hkv, T, D] -> [B, Hkv, T]."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     w = min(window, T)
@@ -490,23 +601,31 @@ def snapkv_scores(q: Tensor, k: Tensor, window: int, kernel: int) -> Tensor:
     scores = qw @ k.float().transpose(-1, -2) / math.sqrt(D)  # [B, Hkv, G*w, T]
     rows = torch.arange(T - w, T, device=q.device).repeat(H // Hkv)
     causal = torch.arange(T, device=q.device)[None, :] <= rows[:, None]
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(2)  # [B, Hkv, T]
-    return F.avg_pool1d(probs, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(2)[..., :T - w]  # [B, Hkv, T - w]
+    pooled = F.avg_pool1d(probs, kernel, stride=1, padding=kernel // 2) if T > w else probs
+    return torch.cat([pooled, pooled.new_full((B, Hkv, w), float("inf"))], dim=-1)
 
 
-def prompt_attention_columns(q: Tensor, k: Tensor, chunk: int = 256):
-    """Per key j of the prompt, the causal attention it gets from each later query, mean over the GQA group,
-    streamed in query chunks. Yields (first query index, probs [B, Hkv, c, T])."""
+@torch.compiler.disable  # a Python loop over query chunks: compiled, it would recompile per prompt length
+def streamed_prompt_attention(q: Tensor, k: Tensor, v: Tensor, observe) -> Tensor:
+    """Causal attention of the prompt computed in fp32 query chunks (at most ~32M probabilities at a time); each
+    chunk's probabilities, averaged over the query heads of each KV head, go to observe(start, probs [B, Hkv, c, T]).
+    q [B, H, T, D]; k, v [B, Hkv, T, D] -> y [B, H, T, D] in q's dtype."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
-    kf = k.float().transpose(-1, -2)
+    chunk = max(1, min(256, 2 ** 25 // max(1, B * H * T)))
+    kf, vf = k.float().transpose(-1, -2).unsqueeze(2), v.float().unsqueeze(2)
+    ys = []
     for s in range(0, T, chunk):
         qc = q[:, :, s:s + chunk].float()
         c = qc.shape[2]
-        scores = qc.reshape(B, Hkv, G, c, D) @ kf.unsqueeze(2) / math.sqrt(D)  # [B, Hkv, G, c, T]
+        scores = qc.reshape(B, Hkv, G, c, D) @ kf / math.sqrt(D)  # [B, Hkv, G, c, T]
         causal = torch.arange(T, device=q.device)[None, :] <= torch.arange(s, s + c, device=q.device)[:, None]
-        yield s, scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(2)
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        observe(s, probs.mean(2))
+        ys.append((probs @ vf).reshape(B, H, c, D))
+    return torch.cat(ys, dim=2).to(q.dtype)
 
 
 def hash_uniform(a: Tensor, b: Tensor, c: int) -> Tensor:
@@ -525,6 +644,7 @@ def hash_uniform(a: Tensor, b: Tensor, c: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 class FullCache(KVCache):
     """Never evicts: slot = position; the buffer holds prompt + max_new_tokens."""
+    never_evicts = True
 
     def choose_slot(self, input_pos, k, q):
         return input_pos.view(-1, 1).expand(self.pos.shape[0], self.pos.shape[1])
@@ -532,6 +652,7 @@ class FullCache(KVCache):
 
 class RandomCache(KVCache):
     """Evicts a random unprotected slot: one draw per (layer, step, slot), shared by the KV heads."""
+    default_prompt_compressor = "random"
 
     def score(self, input_pos, k, q):
         B, Hkv, C = self.pos.shape
@@ -548,6 +669,7 @@ class RecentGlobalCache(KVCache):
 
 class KeepItOddCache(KVCache):
     """cold-compress's toy policy: keeps odd positions; the oldest even token goes first."""
+    default_prompt_compressor = "keep_it_odd"
 
     def score(self, input_pos, k, q):
         return (self.pos % 2 == 1).float() * self.max_seq_length + self.pos
@@ -555,10 +677,11 @@ class KeepItOddCache(KVCache):
 
 class L2Cache(KVCache):
     """Evicts the largest-norm key (low-norm keys attract attention). Norms are stored per slot."""
+    default_prompt_compressor = "l2"
 
     def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
         super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
-        self.register_buffer("key_norm", torch.zeros(batch_size, n_kv_heads, kv_budget), persistent=False)
+        self.register_buffer("key_norm", torch.zeros(batch_size, n_kv_heads, self.kv_budget), persistent=False)
 
     def policy_buffers(self):
         return ["key_norm"]
@@ -581,12 +704,13 @@ class HeavyHitterCache(KVCache):
         "attn_thresholding": Param(bool, False, "heavy_hitter: a step counts 1 if attention >= 1/occupied, else 0"),
     }
     needs_attention = True
+    needs_prompt_attention = True
     default_prompt_compressor = "heavy_hitter"
 
     def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
         super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
         W = max(self.history_window_size, 1)  # full history: one running column
-        shape = (batch_size, n_kv_heads, kv_budget, W)
+        shape = (batch_size, n_kv_heads, self.kv_budget, W)
         self.register_buffer("attn_hist", torch.zeros(shape), persistent=False)  # per-step values (a ring of W)
         self.register_buffer("attn_vis", torch.zeros(shape), persistent=False)  # 1 where the slot was visible
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
@@ -611,35 +735,38 @@ class HeavyHitterCache(KVCache):
             self.attn_vis[..., 0] += visible
         self.step.add_(1)
 
-    @torch.compiler.disable  # a Python loop over prompt chunks: compiled, it would recompile per prompt length
-    def after_prefill(self, k, q, keep):
-        """Each prompt query counts as one step (with a window: only the last W queries)."""
-        T, W = k.shape[2], self.history_window_size
-        first = max(0, T - W) if W else 0
-        key_pos = torch.arange(T, device=k.device)
-        sums, counts, rows_kept = 0, 0, []
-        for s, probs in prompt_attention_columns(q, k):  # probs [B, Hkv, c, T]
-            rows = torch.arange(s, s + probs.shape[2], device=k.device)
-            visible = (key_pos[None, :] <= rows[:, None]).float()  # [c, T]
-            vals = self.step_values(probs, (rows + 1.0)[:, None]) * visible
-            if W:
-                sel = rows >= first
-                rows_kept.append((vals[:, :, sel], visible[sel]))
-            else:
-                sums, counts = sums + vals.sum(2), counts + visible.sum(0)
+    def observe_prompt_attention(self, start, probs):
+        """H2O's history from the prompt: each prompt query counts as one step (with a window: the last W only).
+        Accumulated chunk by chunk while the prompt's attention is computed (no second attention pass)."""
+        if start == 0:
+            self._seed = {"sums": 0, "counts": 0, "rows": []}
+        T, W = probs.shape[-1], self.history_window_size
+        rows = torch.arange(start, start + probs.shape[2], device=probs.device)
+        visible = (torch.arange(T, device=probs.device)[None, :] <= rows[:, None]).float()  # [c, T]
+        vals = self.step_values(probs, (rows + 1.0)[:, None]) * visible
+        seed = self._seed
         if W:
-            vals = torch.cat([r[0] for r in rows_kept], 2).transpose(2, 3)  # [B, Hkv, T, W']
-            vis = torch.cat([r[1] for r in rows_kept], 0).t().expand_as(vals)
+            sel = rows >= T - W
+            seed["rows"].append((vals[:, :, sel], visible[sel]))
         else:
-            vals, vis = sums.unsqueeze(-1), counts.expand_as(sums).unsqueeze(-1)
+            seed["sums"], seed["counts"] = seed["sums"] + vals.sum(2), seed["counts"] + visible.sum(0)
+
+    def after_prefill(self, k, q, keep):
+        T, W = k.shape[2], self.history_window_size
+        seed, self._seed = self._seed, None
+        if W:
+            vals = torch.cat([r[0] for r in seed["rows"]], 2).transpose(2, 3)  # [B, Hkv, T, W']
+            vis = torch.cat([r[1] for r in seed["rows"]], 0).t().expand_as(vals)
+        else:
+            vals, vis = seed["sums"].unsqueeze(-1), seed["counts"].expand_as(seed["sums"]).unsqueeze(-1)
         if keep is None:
             self.attn_hist[:, :, :T, :vals.shape[-1]] = vals
             self.attn_vis[:, :, :T, :vals.shape[-1]] = vis
         else:
-            idx = keep.unsqueeze(-1).expand(-1, -1, -1, vals.shape[-1])
+            idx = keep.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, vals.shape[-1])
             self.attn_hist[..., :vals.shape[-1]] = vals.gather(2, idx)
             self.attn_vis[..., :vals.shape[-1]] = vis.gather(2, idx)
-        self.step.fill_(T - first)
+        self.step.fill_(min(T, W) if W else T)
 
     def after_insert(self, slot, input_pos, k, q):
         idx = slot[:, :, None, None].expand(-1, -1, 1, self.attn_hist.shape[-1])
@@ -658,7 +785,9 @@ class HeavyHitterCache(KVCache):
 class LSHCache(KVCache):
     """LSH-E: SimHash of each cached key (a fixed Gaussian projection per layer, packed bits); the slot whose
     hash is farthest in Hamming distance from the incoming key (or the group's queries) is evicted.
-    Needs no attention probabilities, so attention stays on the fused path."""
+    Needs no attention probabilities, so attention stays on the fused path. A long prompt keeps the keys whose hashes
+    are closest to those of the last observation_window queries."""
+    default_prompt_compressor = "lsh"
     hyperparams = {
         "lsh_dim": Param(int, 16, "lsh: hash bits per key; stored packed, ceil(lsh_dim/8) bytes per token and head",
                          min=1, max=64),
@@ -672,7 +801,7 @@ class LSHCache(KVCache):
         g = torch.Generator().manual_seed(self.lsh_seed * 100003 + self.layer_idx)
         self.register_buffer("proj", torch.randn(head_dim, self.lsh_dim, generator=g), persistent=False)
         n_bytes = (self.lsh_dim + 7) // 8
-        self.register_buffer("hashes", torch.zeros(batch_size, n_kv_heads, kv_budget, n_bytes, dtype=torch.uint8),
+        self.register_buffer("hashes", torch.zeros(batch_size, n_kv_heads, self.kv_budget, n_bytes, dtype=torch.uint8),
                              persistent=False)
         self.register_buffer("bit_weights", 2 ** (torch.arange(self.lsh_dim) % 8), persistent=False)
         self.register_buffer("popcount", torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8),
@@ -734,6 +863,7 @@ class SinkRecentCache(KVCache):
     """Sink + recent (+ uniform middle blocks): keep(T) at prefill; during decode a fixed budget of
     sink + recent + middle, where the middle chosen at prefill stays and the token leaving the recent window
     joins it only while there is room (else it is evicted). Content-independent."""
+    own_prompt_rule = True
     hyperparams = {
         "sink_tokens": Param(int, 256, "sink_recent/merge_pyramid: first tokens always kept (sink_recent 256, "
                                        "merge_pyramid 4)", min=0),
@@ -764,7 +894,7 @@ class SinkRecentCache(KVCache):
         self.global_tokens, self.recent_window = self.sink_tokens, self.recent_tokens - 1
 
     @torch.compiler.disable  # keep(T) is computed on the host: compiled, it would recompile per prompt length
-    def prompt_keep(self, k, q):
+    def prompt_keep(self, k, q, v):
         B, Hkv, T, _ = k.shape
         keep = sink_recent_keep(T, **{name: getattr(self, name) for name in self.hyperparams})
         if len(keep) > self.kv_budget:
@@ -773,6 +903,335 @@ class SinkRecentCache(KVCache):
 
     def score(self, input_pos, k, q):
         return -self.pos.float()  # the newest unprotected token (the one leaving the window) goes
+
+
+class KeyDiffCache(KVCache):
+    """KeyDiff (Park et al. 2025, arXiv 2504.15364): evicts the key most similar (cosine) to the mean normalised key
+    of the cache (the incoming key included), so the cache keeps the keys that differ most from the typical one. No
+    attention is needed: it runs with the fused attention kernel. The paper streams the prompt block by block
+    (--prefill_chunk); its own prompt compressor scores every prompt key against the prompt's mean normalised key."""
+    default_prompt_compressor = "keydiff"
+
+    def score(self, input_pos, k, q):
+        keys = F.normalize(self.keys().float(), dim=-1)
+        occupied = (self.pos >= 0).unsqueeze(-1)
+        new = F.normalize(k.float(), dim=-1)[:, :, 0]  # [B, Hkv, D]
+        anchor = ((keys * occupied).sum(2) + new) / (occupied.sum(2) + 1)
+        return -(keys * F.normalize(anchor, dim=-1).unsqueeze(2)).sum(-1)  # -cos(key, anchor)
+
+
+class TOVACache(KVCache):
+    """TOVA (Oren et al. 2024, arXiv 2401.06104): evicts the slot the current query attends to least, the attention
+    averaged over every query head of the layer (tova_heads=layer, as the paper and kvpress: a layer drops the same
+    token in every head) or over each KV head's group (tova_heads=group). The new token takes part in the softmax.
+    Costs one extra query-key product per step (the scores are needed before the token is inserted)."""
+    hyperparams = {
+        "tova_heads": Param(str, "layer", "tova: average the attention over all query heads of the layer (layer) or "
+                                          "over each KV head's group (group)", choices=("layer", "group")),
+    }
+    default_prompt_compressor = "tova"
+
+    def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
+        super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
+        if self.rotates_keys:
+            raise ValueError("tova scores attention at absolute positions: use --position_mode absolute")
+        same_everywhere = self.prompt_compressor in ("tova", "recent_global", "random", "keep_it_odd")
+        if self.tova_heads == "layer" and not (same_everywhere and self.keep_set in ("topk", "chunkkv")):
+            raise ValueError(f"tova_heads=layer averages slot by slot over the KV heads, so every head must keep the "
+                             f"same positions: prompt compressor {self.prompt_compressor!r} with --keep_set "
+                             f"{self.keep_set} keeps per-head sets; use --tova_heads group")
+
+    def score(self, input_pos, k, q):
+        B, H, _, D = q.shape
+        Hkv = k.shape[1]
+        qf = q.float().reshape(B, Hkv, H // Hkv, D)
+        logits = qf @ self.keys().float().transpose(-1, -2) / math.sqrt(D)  # [B, Hkv, G, C]
+        logits = logits.masked_fill((self.pos < 0).unsqueeze(2), float("-inf"))
+        new = (qf * k.float()).sum(-1, keepdim=True) / math.sqrt(D)  # [B, Hkv, G, 1]
+        probs = torch.cat([logits, new], dim=-1).softmax(-1)[..., :-1]
+        if self.tova_heads == "group":
+            return probs.mean(2)
+        total = self.sum_over_heads(probs.sum(2))  # identical slot layouts in every head: a slot-wise mean
+        return (total / (H * self.head_world)).expand(B, Hkv, -1)
+
+
+_PREFIX_SUMS = {}
+
+
+def rope_prefix_sums(cos: Tensor, sin: Tensor):
+    """Running sums of the RoPE tables (float64, [L + 1, D]), so the mean rotation over any window of positions is
+    two lookups; one pair per table, shared by every layer."""
+    key = (cos.data_ptr(), cos.shape[0], str(cos.device))
+    if key not in _PREFIX_SUMS:
+        zero = torch.zeros(1, cos.shape[1], dtype=torch.float64, device=cos.device)
+        _PREFIX_SUMS.clear()
+        _PREFIX_SUMS[key] = (torch.cat([zero, cos.double().cumsum(0)]), torch.cat([zero, sin.double().cumsum(0)]))
+    return _PREFIX_SUMS[key]
+
+
+class ExpectedAttentionCache(KVCache):
+    """Expected attention (Devoto et al. 2025, kvpress ExpectedAttentionPress): scores each key by the attention the
+    NEXT queries are expected to give it. The pre-RoPE queries are modelled as a Gaussian (mean mu, covariance S per
+    query head); under the average RoPE rotation R of the next ea_future_positions positions, exp(q.k/sqrt(d)) has
+    expectation exp(mu'.k/sqrt(d) + k.S'k/(2d)) with mu' = R mu, S' = R S R^T. Score = softmax of that over the cached
+    keys (sinks excluded), averaged over the KV head's query heads, times |v|. The statistics start from the prompt's
+    queries (sinks excluded) and follow the generated ones: a running mean and covariance, exact for the first
+    ea_query_window queries and an exponential average of that horizon afterwards. Costs O(C d^2) per head and step
+    (the quadratic term); --ea_use_covariance false drops it."""
+    hyperparams = {
+        "ea_future_positions": Param(int, 512, "expected_attention: future positions whose mean RoPE rotation is "
+                                               "applied to the query statistics", min=1),
+        "ea_query_window": Param(int, 512, "expected_attention: horizon of the running query mean and covariance",
+                                 min=1),
+        "ea_use_covariance": Param(bool, True, "expected_attention: include the query covariance term"),
+        "ea_use_vnorm": Param(bool, True, "expected_attention: multiply the scores by the value norms"),
+        "ea_epsilon": Param(float, 0.0, "expected_attention: added to the scores before the value-norm rescaling",
+                            min=0),
+    }
+    default_prompt_compressor = "expected_attention"
+
+    def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw):
+        super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
+        if self.rotates_keys:
+            raise ValueError("expected_attention scores at absolute positions: use --position_mode absolute")
+        self.rope_margin = self.ea_future_positions + 1  # the tables must reach the last future position
+        H = self.n_heads
+        self.register_buffer("q_mean", torch.zeros(batch_size, H, head_dim), persistent=False)
+        self.register_buffer("q_cov", torch.zeros(batch_size, H, head_dim, head_dim), persistent=False)
+        self.register_buffer("q_count", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def policy_buffers(self):
+        return ["q_mean", "q_cov", "q_count"]
+
+    def set_rope(self, cos, sin):
+        need = self.max_seq_length + self.rope_margin
+        if cos.shape[0] < need:
+            raise ValueError(f"expected_attention reads RoPE tables up to position {need - 1} (max_seq_length + "
+                             f"--ea_future_positions); got {cos.shape[0]}: install caches with policies.install")
+        super().set_rope(cos, sin)
+
+    def prefill(self, input_pos, k, v, q, row=None):
+        """The query statistics come first (the prompt compressor scores with them): the pre-RoPE prompt queries
+        after the sinks."""
+        if q.shape[1] != self.q_mean.shape[1]:
+            raise ValueError(f"expected_attention was built for {self.q_mean.shape[1]} query heads, the model has "
+                             f"{q.shape[1]}: give build_caches n_heads")
+        qs = q[:, :, self.global_tokens:].float()
+        n = qs.shape[2]
+        if n:
+            mean = qs.mean(2)
+            centred = qs - mean.unsqueeze(2)
+            self.q_mean.copy_(mean)
+            self.q_cov.copy_(centred.transpose(-1, -2) @ centred / n)
+        self.q_count.fill_(n)
+        return super().prefill(input_pos, k, v, q, row=row)
+
+    def update(self, input_pos, k, v, q):
+        """The new query updates the statistics before the eviction is scored."""
+        n = self.q_count + 1
+        a = 1.0 / n.clamp(max=self.ea_query_window).double()
+        delta = q[:, :, 0].float() - self.q_mean
+        self.q_mean.add_(a.float() * delta)
+        outer = delta.unsqueeze(-1) * delta.unsqueeze(-2)
+        self.q_cov.copy_((1 - a).float() * (self.q_cov + a.float() * outer))
+        self.q_count.copy_(n)
+        return super().update(input_pos, k, v, q)
+
+    def future_rotation(self, first) -> Tensor:
+        """The mean RoPE rotation matrix over positions first .. first + n - 1 (first: int or 0-dim tensor) [D, D]:
+        R(p) x = cos(p) * x + sin(p) * rotate_half(x), so the mean is diag(mean cos) + diag(mean sin) P."""
+        n, D = self.ea_future_positions, self.head_dim
+        cs, ss = rope_prefix_sums(self.rope_cos, self.rope_sin)
+        first = torch.as_tensor(first, device=cs.device).view(1)
+        c = (cs.index_select(0, first + n) - cs.index_select(0, first))[0] / n
+        s = (ss.index_select(0, first + n) - ss.index_select(0, first))[0] / n
+        half = D // 2
+        P = torch.zeros(D, D, dtype=torch.float64, device=cs.device)
+        P[half:, :half] = torch.eye(half, dtype=torch.float64, device=cs.device)
+        P[:half, half:] = -torch.eye(half, dtype=torch.float64, device=cs.device)
+        return (torch.diag(c) + s.unsqueeze(1) * P).float()
+
+    def expected_scores(self, keys: Tensor, values: Tensor, valid: Tensor, first) -> Tensor:
+        """keys, values [B, Hkv, N, D] (rotated keys), valid [B, Hkv, N] (the candidates of the softmax) ->
+        scores [B, Hkv, N] (0 where not valid)."""
+        B, Hkv, N, D = keys.shape
+        H = self.q_mean.shape[1]
+        G = H // Hkv
+        R = self.future_rotation(first)
+        mu = (self.q_mean @ R.T).view(B, Hkv, G, D)
+        kf = keys.float()
+        logits = torch.einsum("bhnd,bhgd->bhgn", kf, mu) / math.sqrt(D)
+        if self.ea_use_covariance:
+            cov = (R @ self.q_cov @ R.T).view(B, Hkv, G, D, D)
+            logits = logits + torch.einsum("bhnd,bhgde,bhne->bhgn", kf, cov, kf) / (2 * D)
+        probs = logits.masked_fill(~valid.unsqueeze(2), float("-inf")).softmax(-1).mean(2)
+        if self.ea_use_vnorm:
+            probs = (probs + self.ea_epsilon) * values.float().norm(dim=-1)
+        return probs.masked_fill(~valid, 0.0)
+
+    def score(self, input_pos, k, q):
+        keys = torch.cat([self.keys(), k], dim=2)
+        values = torch.cat([self.values(), torch.zeros_like(k)], dim=2)  # the new key: in the softmax, never evicted
+        pos = torch.cat([self.pos, input_pos.view(-1, 1, 1).expand(k.shape[0], k.shape[1], 1)], dim=2)
+        valid = pos >= self.global_tokens
+        return self.expected_scores(keys, values, valid, input_pos.view(-1)[0] + 1)[..., :-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt compressors: scores of every prompt position (high = kept) and how many recent positions are protected
+# ---------------------------------------------------------------------------------------------------------------
+def positions_like(k: Tensor) -> Tensor:
+    B, Hkv, T, _ = k.shape
+    return torch.arange(T, device=k.device).expand(B, Hkv, T)
+
+
+def prompt_recent_global(cache, k, q, v):
+    return positions_like(k).double(), cache.budget - cache.global_tokens
+
+
+def prompt_random(cache, k, q, v):
+    return hash_uniform(positions_like(k), 0, cache.layer_idx), cache.recent_window  # the same draw alone or batched
+
+
+def prompt_l2(cache, k, q, v):
+    return -k.float().norm(dim=-1), cache.recent_window  # keep the low-norm keys
+
+
+def prompt_keep_it_odd(cache, k, q, v):
+    pos = positions_like(k)
+    return (pos % 2 == 1).double() * k.shape[2] + pos, cache.recent_window  # odd positions first, newest first
+
+
+def prompt_heavy_hitter(cache, k, q, v):
+    """SnapKV: the observation window of queries protects itself."""
+    return snapkv_scores(q, k, cache.observation_window, cache.pooling_kernel), cache.observation_window
+
+
+def prompt_lsh(cache, k, q, v):
+    """Hamming distance of each key's hash to the hashes of the last observation_window queries (summed over the
+    KV head's query heads): keys that hash like the recent queries are kept."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    w = min(cache.observation_window, T)
+    hq = cache.hash(q[:, :, T - w:]).view(B, Hkv, -1, 1, cache.hashes.shape[-1])  # [B, Hkv, G*w, 1, nb]
+    d = cache.hamming(hq, cache.hash(k).unsqueeze(2)).sum(2)  # [B, Hkv, T]
+    return -d.double(), cache.recent_window
+
+
+def prompt_keydiff(cache, k, q, v):
+    kn = F.normalize(k.float(), dim=-1)
+    anchor = F.normalize(kn.mean(2, keepdim=True), dim=-1)
+    return -(kn * anchor).sum(-1), cache.recent_window
+
+
+def prompt_tova(cache, k, q, v):
+    """The last prompt query's attention over the whole prompt, averaged over the layer's (or the group's) heads."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    probs = (q[:, :, -1].float().reshape(B, Hkv, H // Hkv, 1, D) @ k.float().unsqueeze(2).transpose(-1, -2)
+             / math.sqrt(D)).softmax(-1)[:, :, :, 0]  # [B, Hkv, G, T]
+    if getattr(cache, "tova_heads", "layer") == "group":
+        return probs.mean(2), cache.recent_window
+    return (cache.sum_over_heads(probs.sum(2)) / (H * cache.head_world)).expand(B, Hkv, T), cache.recent_window
+
+
+def prompt_expected_attention(cache, k, q, v):
+    """Expected attention with the prompt's query statistics (ExpectedAttentionCache.prefill computed them) under
+    the mean rotation of the positions right after the prompt; the sinks are excluded from the softmax (and kept)."""
+    pos = positions_like(k)
+    return cache.expected_scores(k, v, pos >= cache.global_tokens, k.shape[2]).double(), cache.recent_window
+
+
+PROMPT_SCORERS = {
+    "recent_global": prompt_recent_global,
+    "random": prompt_random,
+    "l2": prompt_l2,
+    "heavy_hitter": prompt_heavy_hitter,
+    "keep_it_odd": prompt_keep_it_odd,
+    "lsh": prompt_lsh,
+    "keydiff": prompt_keydiff,
+    "tova": prompt_tova,
+    "expected_attention": prompt_expected_attention,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keep-set rules: from the scores [B, Hkv, T] (float64, high = kept) and the protected positions, the kept
+# positions [B, Hkv, C] in increasing order (-1: an empty slot)
+# ---------------------------------------------------------------------------------------------------------------
+def rank_scores(score: Tensor, protected: Tensor) -> Tensor:
+    """Protected positions first, then by score, ties to the lower position (a tiny position penalty)."""
+    pos = torch.arange(score.shape[-1], device=score.device, dtype=torch.float64)
+    return score.masked_fill(protected, float("inf")) - pos * 1e-9
+
+
+def keep_topk(cache, score, protected, v):
+    return torch.topk(rank_scores(score, protected), cache.budget, dim=-1).indices.sort(dim=-1).values
+
+
+def keep_chunkkv(cache, score, protected, v):
+    """ChunkKV (Liu et al. 2025, arXiv 2502.00299): whole chunks of chunkkv_size tokens, by the mean over the chunk
+    of the score summed over KV heads, the same positions in every head. Protected positions are kept first; then
+    chunks in decreasing chunk score, each taken when all its positions not yet kept fit in the budget (a chunk that
+    does not fit is skipped). The choice is made on the host (a prompt-time step)."""
+    B, Hkv, T = score.shape
+    L, C = cache.chunkkv_size, cache.budget
+    total = cache.sum_over_heads(score)[:, 0]  # [B, T], every KV head of the layer
+    out = []
+    for b in range(B):
+        kept = set(torch.nonzero(protected[b, 0]).flatten().tolist())
+        chunk_scores = [(float(total[b, s:s + L].mean()), s) for s in range(0, T, L)]
+        for _, s in sorted(chunk_scores, key=lambda x: (-x[0], x[1])):
+            new = [p for p in range(s, min(s + L, T)) if p not in kept]
+            if len(kept) + len(new) <= C:
+                kept.update(new)
+        keep = sorted(kept) + [-1] * (C - len(kept))
+        out.append(torch.tensor(keep, device=score.device))
+    keep = torch.stack(out).unsqueeze(1).expand(B, Hkv, C)
+    return keep_order(keep)
+
+
+def keep_order(keep: Tensor) -> Tensor:
+    """Kept positions increasing, empty slots (-1) last."""
+    big = torch.iinfo(torch.long).max
+    ordered = keep.masked_fill(keep < 0, big).sort(dim=-1).values
+    return ordered.masked_fill(ordered == big, -1)
+
+
+def keep_criticalkv(cache, score, protected, v):
+    """CriticalKV (Feng et al. 2025, arXiv 2502.03805), two stages: the first criticalkv_first_stage of the budget
+    by the raw scores; the rest by (score + epsilon) * |W_o v|_1 (the value's contribution to the layer output)."""
+    n1 = max(1, int(cache.budget * cache.criticalkv_first_stage)) if cache.criticalkv_first_stage > 0 else 0
+    first = torch.topk(rank_scores(score, torch.zeros_like(protected)), n1, dim=-1).indices  # by the scores alone
+    rescaled = (score + cache.criticalkv_epsilon) * cache.value_norms(v).double()
+    rescaled = rescaled.scatter(-1, first, float("inf"))
+    return keep_topk(cache, rescaled, protected, v)
+
+
+def keep_adakv(cache, score, protected, v):
+    """AdaKV (Feng et al. 2024, arXiv 2407.11550): head-adaptive budgets inside a layer. Each head keeps its top
+    max(1, adakv_alpha * budget) positions (a floor, ties to the lower position); then the layer keeps the
+    Hkv * budget highest scores over all heads together (protected positions and floors first; ties: lower head,
+    then lower position). A head holds at most kv_budget (= adakv_cap * budget) tokens: its best ones."""
+    B, Hkv, T = score.shape
+    C, slots = cache.budget, cache.kv_budget
+    n_safe = max(1, int(C * cache.adakv_alpha)) if cache.adakv_alpha > 0 else 0
+    pinned = protected.clone()
+    if n_safe:
+        pinned.scatter_(-1, torch.topk(rank_scores(score, protected), n_safe, dim=-1).indices, True)
+    flat = score.masked_fill(pinned, float("inf")).reshape(B, Hkv * T)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices  # ties: lower head, then position
+    chosen = torch.zeros(B, Hkv * T, dtype=torch.bool, device=score.device)
+    chosen.scatter_(1, order[:, :Hkv * C], True)
+    chosen = chosen.view(B, Hkv, T)
+    best = torch.topk(rank_scores(score, pinned).masked_fill(~chosen, float("-inf")), min(slots, T), dim=-1).indices
+    keep = torch.where(chosen.gather(-1, best), best, torch.full_like(best, -1))
+    if keep.shape[-1] < slots:
+        keep = torch.cat([keep, keep.new_full((B, Hkv, slots - keep.shape[-1]), -1)], dim=-1)
+    return keep_order(keep)
+
+
+KEEP_SETS = {"topk": keep_topk, "chunkkv": keep_chunkkv, "criticalkv": keep_criticalkv, "adakv": keep_adakv}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -807,7 +1266,7 @@ class SequenceBatch(nn.Module):
     def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None):
         if row is None:
             raise ValueError("a batch of caches is prefilled one sequence at a time: give row")
-        self.rows[row].prefill(input_pos, k, v, q)
+        return self.rows[row].prefill(input_pos, k, v, q)
 
     def decode(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
         """input_pos [B, T] (each sequence's positions) or [T] (shared); k, v [B, Hkv, T, D]; q [B, H, T, D]."""

@@ -20,13 +20,7 @@ import speculative
 import tp
 from cli import UserError
 from model import Transformer
-from runtime import (
-    compile_fns,
-    decode_one_token,
-    peak_memory_bytes,
-    prefill,
-    synchronize,
-)
+from runtime import compile_fns, decode_one_token, peak_memory_bytes, prefill, synchronize
 from tokenizer import StreamDecoder, get_tokenizer
 
 

@@ -54,7 +54,7 @@ import unicodedata
 import torch
 from torch import Tensor
 
-from cache import KVCache, Param, prompt_attention_columns
+from cache import KVCache, Param
 
 HYBRID_POLICIES = ["special", "special_punct", "special_punct_local", "special_punct_local_frequent", "full"]
 SPECIAL, PUNCT = 1, 2  # class bits of a token
@@ -65,6 +65,7 @@ class HybridCache(KVCache):
     """FastGen: per KV head, the cheapest of special / +punctuation / +local / +frequent / full that recovers
     min_recovery_frac of the prompt's attention; decode follows it inside the fixed budget (module docstring).
     Heads whose choice is `full` behave like heavy_hitter once the budget is full."""
+    own_prompt_rule = True
     hyperparams = {
         "min_recovery_frac": Param(float, 0.95, "hybrid: a head takes the first candidate policy recovering this "
                                                 "fraction of its prompt attention", above=0, max=1),
@@ -74,6 +75,7 @@ class HybridCache(KVCache):
                                                    "prompt", min=0, max=1),
     }
     needs_attention = True
+    needs_prompt_attention = True
     needs_tokens = True
 
     def __init__(self, batch_size, n_kv_heads, head_dim, kv_budget, dtype, *, special_ids: Tensor = None,
@@ -160,9 +162,14 @@ class HybridCache(KVCache):
         return self.attn_sum / self.attn_cnt.clamp(min=1)
 
     # -- prefill -------------------------------------------------------------------------------------------
-    def prompt_keep(self, k, q):
+    def observe_prompt_attention(self, start, probs):
+        """Column sums of the prompt's attention (each key's total from the later queries), chunk by chunk."""
+        col = probs.sum(2)
+        self._columns = col if start == 0 else self._columns + col
+
+    def prompt_keep(self, k, q, v):
         self.profile(k, q)  # every prompt is profiled; only one longer than the budget is compressed
-        return super().prompt_keep(k, q)
+        return super().prompt_keep(k, q, v)
 
     def prompt_classes(self, B: int, T: int, device) -> Tensor:
         cls = self._prompt_cls
@@ -172,14 +179,12 @@ class HybridCache(KVCache):
             return self.cur_cls.view(B, 1)
         return torch.zeros(B, T, dtype=torch.uint8, device=device)  # set_tokens was not called: no classes
 
-    @torch.compiler.disable  # a Python loop over prompt chunks: compiled, it would recompile per prompt length
+    @torch.compiler.disable  # host-side sizes (n_local, n_freq from T): compiled, it would recompile per length
     def profile(self, k: Tensor, q: Tensor):
         """Chooses each head's policy from the prompt's attention (recovery of each candidate's columns)."""
         B, H, T, _ = k.shape
         dev = k.device
-        col = torch.zeros(B, H, T, device=dev)
-        for _, probs in prompt_attention_columns(q, k):  # [B, H, c, T]
-            col += probs.sum(2)
+        col, self._columns = self._columns, None
         positions = torch.arange(T, device=dev)
         cnt = (T - positions).float().expand(B, H, T)
         avg = col / cnt
@@ -204,7 +209,7 @@ class HybridCache(KVCache):
         self.n_freq.fill_(n_freq)
         self._profile = dict(col=col, cnt=cnt, avg=avg, cls=cls, frequent=keep3)
 
-    def compress_prompt(self, k: Tensor, q: Tensor) -> Tensor:
+    def compress_prompt(self, k: Tensor, q: Tensor, v: Tensor) -> Tensor:
         """Per head the C positions it would evict last (module docstring); sorted."""
         p = self._profile
         B, H, T, _ = k.shape

@@ -134,6 +134,7 @@ host_ladder_prefill = torch.compiler.disable(ladder_prefill)
 
 class LaCache(KVCache):
     """LaCache: content-independent ladder of kept tokens, shifted layer by layer (see the module doc)."""
+    own_prompt_rule = True
     hyperparams = {
         "span": Param(int, 16, "lacache: ladder span S (layers one kept token covers)", min=1),
         "overlap": Param(int, 0, "lacache: overlap O between adjacent ladder steps (0 <= O < span)", min=0),
@@ -180,7 +181,7 @@ class LaCache(KVCache):
         return super().nbytes() - (self.schedule.numel() * self.schedule.element_size() if self.ladders else 0)
 
     # -- prefill -------------------------------------------------------------------------------------------
-    def prompt_keep(self, k, q):
+    def prompt_keep(self, k, q, v):
         """The rules compact nothing before the length exceeds C + floor(R/2); a longer prompt keeps what feeding
         it token by token would (laddered on the host)."""
         B, Hkv, T, _ = k.shape

@@ -74,6 +74,7 @@ def pool_pairs(even: Tensor, odd: Tensor, kind: str, valid: Tensor = None) -> Te
 class MergePyramidCache(KVCache):
     """Merges old tokens pairwise (mean / max / best) once the raw tail exceeds the layer's window W_k;
     sinks are never merged; W_k shrinks (beta > 1) or grows (beta < 1) linearly with the layer."""
+    own_prompt_rule = True
     hyperparams = {
         "initial_local_window": Param(int, 512, "merge_pyramid: raw-tail window W0 of layer 0; layer k of m gets "
                                                 "W0 * (1 + k/m * (1/beta - 1))", min=1),
@@ -162,7 +163,7 @@ class MergePyramidCache(KVCache):
         return (pool_pairs(k[:, :, even], k[:, :, odd], kind), pool_pairs(v[:, :, even], v[:, :, odd], kind),
                 (pm[even] + pm[odd]) / 2, torch.stack([span[0, even], span[1, odd]]))
 
-    def prompt_keep(self, k, q):
+    def prompt_keep(self, k, q, v):
         return None  # nothing is dropped: write_prompt pools the prompt instead
 
     @torch.compiler.disable  # a Python loop over the prompt: compiled, it would recompile per prompt length

@@ -183,19 +183,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.kv_cache = None  # set by Transformer.setup_caches
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, prefill: bool, row=None) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, prefill: bool, row=None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
-        # The cache gets q and k un-rotated: it positions what it stores itself (absolute RoPE, or by rank).
+        # The cache positions q and k (RoPE), attends, and keeps what its policy keeps: the prompt (prefill; row: one
+        # sequence of a batch of caches) or T >= 1 new tokens (decode).
         if prefill:
-            # The prompt attends to itself causally (fused kernel); the cache then keeps what its policy keeps.
-            y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True,
-                                               enable_gqa=self.n_head != self.n_local_heads)
-            self.kv_cache.prefill(input_pos, k, v, q, row=row)  # row: one sequence of a batch of caches
+            y = self.kv_cache.prefill(input_pos, k, v, q, row=row)
         else:
             y = self.kv_cache.decode(input_pos, k, v, q)
         y = y.transpose(1, 2).reshape(B, T, q_size)
@@ -221,8 +219,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos, prefill, row=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, prefill, row)
+    def forward(self, x, input_pos, prefill, row=None):
+        h = x + self.attention(self.attention_norm(x), input_pos, prefill, row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -241,11 +239,12 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
 
-    def setup_caches(self, max_seq_length: int, make_cache):
-        """make_cache(layer_idx) -> a cache module (see cache.py). Positions up to max_seq_length get RoPE tables."""
+    def setup_caches(self, max_seq_length: int, make_cache, rope_length: int = None):
+        """make_cache(layer_idx) -> a cache module (see cache.py), given the RoPE tables [rope_length, head_dim]
+        (default max_seq_length; longer when a policy looks at positions beyond the sequence)."""
         self.max_seq_length = max_seq_length
         device = self.tok_embeddings.weight.device
-        cos, sin = rope_tables(self.config, max_seq_length, device=device)
+        cos, sin = rope_tables(self.config, max(rope_length or 0, max_seq_length), device=device)
         self.rope_cos, self.rope_sin = cos, sin
         for i, layer in enumerate(self.layers):
             layer.attention.kv_cache = cache = make_cache(i)
@@ -255,13 +254,11 @@ class Transformer(nn.Module):
         """idx [B, T] token ids at positions input_pos: [T] shared by the batch, or [B, T] per sequence (batched
         decoding of prompts of different lengths). row: prefill one sequence (idx [1, T]) of a batch of caches
         (cache.SequenceBatch). Returns logits [B, T, vocab] in fp32."""
-        # RoPE at the prompt's positions, for its own causal attention (decode: the caches position q and k).
-        cos, sin = (self.rope_cos[input_pos], self.rope_sin[input_pos]) if prefill else (None, None)
         for cache in self.caches:
             cache.set_tokens(idx, prefill, row)  # token ids, for policies that look at them (FastGen's classes)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, prefill, row)
+            x = layer(x, input_pos, prefill, row)
         return self.output(self.norm(x)).float()
 
     @property

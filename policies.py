@@ -17,23 +17,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from cache import (
-    CACHE_PARAMS,
-    FullCache,
-    HeavyHitterCache,
-    KeepItOddCache,
-    L2Cache,
-    LSHCache,
-    Param,
-    RandomCache,
-    RecentGlobalCache,
-    SequenceBatch,
-    SinkRecentCache,
-)
+from cache import (CACHE_PARAMS, ExpectedAttentionCache, FullCache, HeavyHitterCache, KeepItOddCache, KeyDiffCache,
+                   L2Cache, LSHCache, Param, RandomCache, RecentGlobalCache, SequenceBatch, SinkRecentCache, TOVACache)
 from cli import one_line_errors
 from hybrid import HybridCache, token_class_tables
 from lacache import LaCache
 from merge_pyramid import MergePyramidCache
+from quantize import dense_weight
 
 CONFIG_DIR = Path(__file__).resolve().parent / "cache_configs"
 
@@ -49,6 +39,9 @@ POLICIES = {
     "hybrid": HybridCache,
     "lacache": LaCache,
     "merge_pyramid": MergePyramidCache,
+    "keydiff": KeyDiffCache,
+    "tova": TOVACache,
+    "expected_attention": ExpectedAttentionCache,
 }
 
 # Set-up options: which policy each layer gets and how many slots.
@@ -253,7 +246,7 @@ def layer_budgets(cfg: dict, n_layers: int, max_seq_length: int) -> list:
 
 
 def build_caches(cfg: dict, n_layers: int, n_kv_heads: int, head_dim: int, batch_size: int, max_seq_length: int,
-                 dtype, device, prompt_len: int = 0) -> list:
+                 dtype, device, prompt_len: int = 0, n_heads: int = None) -> list:
     """One cache module per layer from settings() (validated: one clear error per mistake)."""
     cfg = settings(cfg)
     strategies = layer_pattern(cfg["cache_strategy"], n_layers, cfg["cache_strategy_pattern"], "--cache_strategy")
@@ -279,8 +272,31 @@ def build_caches(cfg: dict, n_layers: int, n_kv_heads: int, head_dim: int, batch
                              f"({cfg['global_tokens']}) + --recent_window ({cfg['recent_window']}) + 1")
         with torch.device(device):
             caches.append(cls(batch_size, n_kv_heads, head_dim, budget, dtype, max_seq_length=max_seq_length,
-                              layer_idx=i, n_layers=n_layers, **engine, **hp))
+                              layer_idx=i, n_layers=n_layers, n_heads=n_heads, **engine, **hp))
     return caches
+
+
+def install(model, caches: list, max_seq_length: int, tokenizer=None):
+    """Installs one cache per layer (built by build_caches, or a SequenceBatch of them) in the model, with what the
+    policies need from it: RoPE tables long enough for every policy (expected_attention looks past the sequence),
+    each layer's output projection (--keep_set criticalkv) and the tokenizer's token classes (hybrid)."""
+    mc = model.config
+    every = [c for layer in caches for c in layer.sequences()]
+    model.setup_caches(max_seq_length, lambda i: caches[i],
+                       rope_length=max_seq_length + max(c.rope_margin for c in every))
+    sharded = getattr(model, "tensor_parallel", None)  # tp.py: this process holds a share of every layer's heads
+    for layer, c in zip(model.layers, caches):
+        for seq in c.sequences():
+            if seq.keep_set == "criticalkv":
+                seq.set_output_projection(dense_weight(layer.attention.wo))
+            if sharded:
+                seq.set_head_group(sharded["group"], sharded["world"])
+    token_caches = [c for c in every if c.needs_tokens]
+    if token_caches and tokenizer is not None:
+        w = model.tok_embeddings.weight
+        special, punct = (t.to(w.device) for t in token_class_tables(tokenizer, mc.vocab_size))
+        for c in token_caches:
+            c.set_token_tables(special, punct)
 
 
 def setup(model, config=None, batch_size: int = 1, prompt_len: int = 0, max_seq_length: int = None, *,
@@ -297,17 +313,12 @@ def setup(model, config=None, batch_size: int = 1, prompt_len: int = 0, max_seq_
 
     def build():
         return build_caches(cfg, mc.n_layer, mc.n_local_heads, mc.head_dim, 1, max_seq_length, w.dtype, w.device,
-                            prompt_len=prompt_len)
+                            prompt_len=prompt_len, n_heads=mc.n_head)
 
     if batch_size == 1:
         caches = build()
     else:
         per_seq = [build() for _ in range(batch_size)]
         caches = [SequenceBatch([seq[i] for seq in per_seq]) for i in range(mc.n_layer)]
-    model.setup_caches(max_seq_length, lambda i: caches[i])
-    token_caches = [c for layer in caches for c in layer.sequences() if c.needs_tokens]
-    if token_caches and tokenizer is not None:
-        special, punct = (t.to(w.device) for t in token_class_tables(tokenizer, mc.vocab_size))
-        for c in token_caches:
-            c.set_token_tables(special, punct)
+    install(model, caches, max_seq_length, tokenizer)
     return caches

@@ -190,6 +190,21 @@ class Int4Linear(nn.Module):
                 f"layout={self.layout}")
 
 
+def dense_weight(lin: nn.Module) -> Tensor:
+    """The weight [out, in] of a linear of any format, in full precision (for policies that look at a projection,
+    e.g. CriticalKV's |W_o v|)."""
+    if isinstance(lin, nn.Linear):
+        return lin.weight
+    if isinstance(lin, Int8Linear):
+        return lin.weight.float() * lin.scales.float()[:, None]
+    if isinstance(lin, Int4Linear):
+        nibbles = {"nibbles": lin.weight, "cpu": getattr(lin, "prefill_nibbles", None)}.get(lin.layout)
+        if nibbles is None:
+            raise ValueError("the int4 CUDA layout does not keep the nibbles a dense weight is read from")
+        return dequantize_int4(unpack_nibbles(nibbles), lin.scales_and_zeros, lin.groupsize)[:, :lin.in_features]
+    raise ValueError(f"no dense weight for a {type(lin).__name__}")
+
+
 @torch.library.custom_op("kvcompile::int4_mm_cpu", mutates_args=())
 def int4_mm_cpu(x: Tensor, packed: Tensor, groupsize: int, scales_and_zeros: Tensor) -> Tensor:
     """aten._weight_int4pack_mm_for_cpu behind an opaque custom op: Inductor (torch 2.13) fails to lower the aten op

@@ -217,7 +217,7 @@ def shard_model(model, rank: int, world: int, group=None):
         _row_parallel(ff.w2, rank * inter, (rank + 1) * inter, group)
     # The config now describes this rank's shard: cache.setup builds caches for nkv KV heads.
     model.config = dataclasses.replace(cfg, n_head=nh, n_local_heads=nkv, intermediate_size=inter)
-    model.tensor_parallel = {"rank": rank, "world": world, "full_config": cfg}
+    model.tensor_parallel = {"rank": rank, "world": world, "full_config": cfg, "group": group}
     return model
 
 

@@ -30,13 +30,14 @@ def build(cfg, max_seq):
     caches = []
     for strategies, extra in groups():
         caches += policies.build_caches(cache_args(strategies, **extra), len(strategies), cfg.n_local_heads,
-                                       cfg.head_dim, 1, max_seq, torch.float32, "cpu", prompt_len=max(PROMPT_LENS))
+                                        cfg.head_dim, 1, max_seq, torch.float32, "cpu", prompt_len=max(PROMPT_LENS),
+                                        n_heads=cfg.n_head)
     return caches
 
 
 def install(model, per_seq, max_seq):
     layers = per_seq[0] if len(per_seq) == 1 else [kvcache.SequenceBatch(list(c)) for c in zip(*per_seq)]
-    model.setup_caches(max_seq, lambda i: layers[i])
+    policies.install(model, layers, max_seq)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
     with torch.no_grad():
         m.output.weight.mul_(20)
     per_seq = [policies.build_caches(cache_args(strategies), len(strategies), 2, 16, 1, max_seq, torch.float32,
-                                    "cpu", prompt_len=max(PROMPT_LENS)) for _ in prompts]
+                                     "cpu", prompt_len=max(PROMPT_LENS), n_heads=4) for _ in prompts]
     install(m, per_seq, max_seq)
     free, _ = generate.generate_batch(m, prompts, NEW)
     eos = {free[0][5]}  # sequence 0 stops at its 6th token (others may stop on it too, at other steps)

@@ -53,12 +53,12 @@ PROMPT_LEN, STEPS = 24, 50
 SCORED = ["random", "recent_global", "l2", "heavy_hitter", "keep_it_odd", "lsh"]  # sinks + window + score
 # Small budgets so that every policy evicts (or merges) within the 50 steps. Flags are shared by all layers and
 # given only when the policy that owns them is registered (policies added later need no entry to be covered).
-BASE_FLAGS = {"max_cache_length": [16], "global_tokens": 2, "recent_window": 4, "observation_window": 4}
+BASE_FLAGS = {"max_cache_length": [20], "global_tokens": 2, "recent_window": 4, "observation_window": 4}
 POLICY_FLAGS = {
     "sink_recent": {"sink_tokens": 2, "recent_tokens": 8},
     "lsh": {"lsh_dim": 8},
     "merge_pyramid": {"initial_local_window": 8, "sink_tokens": 2},
-    "lacache": {"span": 2, "start_size": 2},
+    "lacache": {"span": 2, "start_size": 1},  # the ladder needs start_size + n_layers + 1 <= 20 slots
 }
 
 
@@ -110,10 +110,11 @@ def tiny():
     caches, names = [], []
     for group, strategies, extra in groups:
         built = policies.build_caches(cache_args(strategies, **extra), len(strategies), cfg.n_local_heads,
-                                     cfg.head_dim, 1, max_seq, torch.float32, "cpu", prompt_len=PROMPT_LEN)
+                                      cfg.head_dim, 1, max_seq, torch.float32, "cpu", prompt_len=PROMPT_LEN,
+                                      n_heads=cfg.n_head)
         caches += built
         names += [(group, s) for s in strategies]
-    model.setup_caches(max_seq, lambda i: caches[i])
+    policies.install(model, caches, max_seq)
     prompt = torch.randint(0, 256, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
     return model, prompt, names
 
@@ -205,8 +206,8 @@ def test_compiled_prefill_does_not_recompile_per_prompt_length():
     model = random_model(cfg, "cpu", torch.float32, seed=0)
     max_seq = 80
     caches = policies.build_caches(cache_args(strategies), len(strategies), 2, 16, 1, max_seq, torch.float32, "cpu",
-                                  prompt_len=64)
-    model.setup_caches(max_seq, lambda i: caches[i])
+                                   prompt_len=64, n_heads=4)
+    policies.install(model, caches, max_seq)
     torch._dynamo.reset()
     counters.clear()
     prefill_fn, _ = runtime.compile_fns("cpu", False, True)

@@ -241,10 +241,12 @@ def test_lsh_query_sums_over_group():
 # ------------------------------------------------------------------------------------------------------
 
 
-def test_snapkv_pooling_count_include_pad_false():
+def test_snapkv_pools_the_keys_before_the_window_counting_zero_padding():
+    """SnapKV's code: the window's own columns are dropped before pooling, the padding counts (sum / kernel), and
+    the window positions score +inf."""
     A = [[0.0] * 5 for _ in range(4)] + [[0.1, 0.2, 0.3, 0.4, 0.0]]
     pooled = ref.snapkv_scores(None, [None] * 5, 0, 1, observation_window=1, pool_kernel=5, A=A)
-    assert pooled == pytest.approx([0.2, 0.25, 0.2, 0.225, 0.7 / 3])
+    assert pooled[:4] == pytest.approx([0.6 / 5, 1.0 / 5, 1.0 / 5, 0.9 / 5]) and pooled[4] == math.inf
 
 
 def test_snapkv_selection():
@@ -274,17 +276,41 @@ def test_recent_global_and_l2_compressors():
 # ------------------------------------------------------------------------------------------------------
 
 R_RAND = [[random.Random(7 + c).gauss(0, 1) for _ in range(8)] for c in range(4)]
+W_O_RAND = [[[random.Random(100 + 12 * j + m).gauss(0, 1) for _ in range(4)] for m in range(3)] for j in range(4)]
+ROPE_COS, ROPE_SIN = ref.rope_tables(64, 4)
+EA = {"cos": ROPE_COS, "sin": ROPE_SIN, "ea_future_positions": 4, "ea_query_window": 6}
 POLICIES = [
+    # the first entries of random, l2, keep_it_odd and lsh pass recent_global explicitly: they were written when it
+    # was every policy's default prompt compressor (each policy's own compressor is now its default)
+    ("random", {"seed": 1, "prompt_compressor": "recent_global"}),
     ("random", {"seed": 1}),
     ("recent_global", {}),
+    ("l2", {"prompt_compressor": "recent_global"}),
     ("l2", {}),
     ("heavy_hitter", {"observation_window": 4}),
     ("heavy_hitter", {"observation_window": 4, "history_window_size": 3, "attn_thresholding": True}),
     ("heavy_hitter", {"prompt_compressor": "l2", "prefill_seeding": "column_mean"}),
-    ("keep_it_odd", {}),
+    ("keep_it_odd", {"prompt_compressor": "recent_global"}),
     ("keep_it_odd", {"prompt_compressor": "keep_it_odd"}),
+    ("lsh", {"R": R_RAND, "prompt_compressor": "recent_global"}),
     ("lsh", {"R": R_RAND}),
     ("lsh", {"R": R_RAND, "lsh_source": "query", "prompt_compressor": "random"}),
+    ("keydiff", {}),
+    ("tova", {}),
+    ("tova", {"tova_heads": "group"}),
+    ("tova", {"keep_wrapper": ("chunkkv", {"chunk_size": 1})}),
+    ("expected_attention", dict(EA)),
+    ("expected_attention", dict(EA, ea_use_covariance=False, ea_use_vnorm=False, ea_epsilon=0.01)),
+    ("l2", {"prompt_compressor": "tova"}),
+    ("l2", {"prompt_compressor": "expected_attention", "compressor_options": {"cos": ROPE_COS, "sin": ROPE_SIN,
+                                                                            "ea_future_positions": 8}}),
+    ("random", {"seed": 2, "prompt_compressor": "lsh", "compressor_options": {"R": R_RAND}}),
+    ("l2", {"W_o": W_O_RAND, "decode_criticalkv": True}),
+    ("heavy_hitter", {"observation_window": 4, "W_o": W_O_RAND, "decode_criticalkv": True,
+                      "keep_wrapper": ("criticalkv", {})}),
+    ("keydiff", {"W_o": W_O_RAND, "decode_criticalkv": True, "keep_wrapper": "criticalkv"}),
+    ("tova", {"tova_heads": "group", "W_o": W_O_RAND, "decode_criticalkv": True}),
+    ("expected_attention", dict(EA, W_o=W_O_RAND, decode_criticalkv=True)),
 ]
 
 
@@ -468,3 +494,338 @@ def test_merge_pyramid_layer_vectors_and_invariants():
             assert slots == sorted(slots) and len(set(slots)) == len(slots)
             assert len(slots) <= 4 + 2 * W + 2
             assert slots[-1] == 50 + s - 1 or s == 0 or len(slots) < len(states[s - 1]) + 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# default prompt compressors (each policy's own) and prompt scores
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_default_prompt_compressor_is_the_policys_own():
+    C, G, r, T = 6, 1, 2, 14
+    q, k, v = vec_inputs(T, 2, 4, 4, seed=3)
+    for name, kw, comp, ckw in [("l2", {}, "l2", {}), ("keep_it_odd", {}, "keep_it_odd", {}),
+                                ("keep_it_odd", {"keep_parity": 0}, "keep_it_odd", {"keep_parity": 0}),
+                                ("recent_global", {}, "recent_global", {}), ("random", {}, "random", {}),
+                                ("lsh", {"R": R_RAND}, "lsh", {"R": R_RAND}), ("keydiff", {}, "keydiff", {}),
+                                ("tova", {}, "tova", {}),
+                                ("heavy_hitter", {"observation_window": 3}, "heavy_hitter",
+                                 {"observation_window": 3})]:
+        pol = ref.make_policy(name, C, G, r, **kw)
+        pol.prefill(q, k, v)
+        assert pol.kept() == ref.compress_prompt(comp, q, k, C, G, r, **ckw), name
+    # the engine's random: sinks + recent r, then the highest hash_uniform(position, 0, layer) draws
+    for layer in (0, 3):
+        pol = ref.HashedRandomRef(C, G, r, layer=layer)
+        pol.prefill(q, k, v)
+        mid = sorted(range(G, T - r), key=lambda p: (-ref.hash_uniform(p, 0, layer), p))[:C - G - r]
+        want = sorted([0, T - 2, T - 1] + mid)
+        assert pol.kept() == [want, want]
+    assert ref.HashedRandomRef(C, G, r, prompt_compressor="recent_global").prompt_compressor == "recent_global"
+
+
+@pytest.mark.parametrize("comp", ["recent_global", "l2", "keep_it_odd", "heavy_hitter"])
+@pytest.mark.parametrize("C", [7, 11])
+def test_prompt_scores_reproduce_the_compressors(comp, C):
+    """The wrappers see the same ranking as the plain compressor: keep P, then the highest scores."""
+    q, k, _ = vec_inputs(16, 2, 4, 3, seed=C)
+    scores, prot = ref.prompt_scores(comp, q, k, 2, 3, observation_window=4, pool_kernel=3)
+    want = ref.compress_prompt(comp, q, k, C, 2, 3, observation_window=4, pool_kernel=3)
+    assert ref.keep_from_scores(scores, prot, C) == want
+
+
+# ------------------------------------------------------------------------------------------------------
+# keydiff
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_keydiff_evicts_the_key_most_aligned_with_the_others():
+    k = [[[2.0, 0.0]], [[0.0, 3.0]], [[1.0, 1.0]], [[1.0, 1.0]]]
+    q = [[[1.0, 0.0]] for _ in k]
+    pol = ref.KeyDiffRef(3, 0, 0)
+    pol.prefill(q[:3], k[:3], k[:3])
+    # anchor = mean of e_x, e_y, u, u (u = (1, 1)/sqrt 2): along (1, 1); cos = 1/sqrt2, 1/sqrt2, 1
+    s2 = 1 / math.sqrt(2)
+    assert pol.score(0, 3, q[3], k[3]) == pytest.approx([-s2, -s2, -1.0])
+    pol.step(3, q[3], k[3], k[3])
+    assert pol.slots == [[0, 1, 3]]
+
+
+def test_keydiff_anchor_includes_the_incoming_key():
+    # slots e_x, e_y tie without the new key (-> slot 0); the incoming e_y pulls the anchor to e_y -> slot 1
+    k = [[[1.0, 0.0]], [[0.0, 1.0]], [[0.0, 5.0]]]
+    q = [[[1.0, 0.0]] for _ in k]
+    out = ref.run(ref.KeyDiffRef(2, 0, 0), q, k, k, 2, 1)
+    assert out[-1] == [[0, 2]]
+
+
+def test_keydiff_prompt_compressor_hand():
+    # keys e_x, e_x, e_x, e_y, -e_x: anchor (0.4, 0.2); -cos = -0.894, -0.894, -0.894, -0.447, 0.894
+    ex, ey, mx = [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]
+    k = [[x] for x in (ex, ex, ex, ey, mx)]
+    q = [[ex] for _ in k]
+    scores, prot = ref.prompt_scores("keydiff", q, k, 1, 1)
+    c = 0.4 / math.sqrt(0.2)
+    assert scores[0] == pytest.approx([-c, -c, -c, -0.2 / math.sqrt(0.2), c])
+    assert prot == [0, 4]
+    assert ref.compress_prompt("keydiff", q, k, 2, 0, 0) == [[3, 4]]
+    assert ref.compress_prompt("keydiff", q, k, 3, 1, 1) == [[0, 3, 4]]
+
+
+# ------------------------------------------------------------------------------------------------------
+# tova
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_tova_one_head_evicts_the_least_attended():
+    # q = 1, keys ln1, ln3, ln2 | new ln4: attention 1/10, 3/10, 2/10 | 4/10 (the new key normalises too)
+    q, k, v = scalar_inputs([1.0] * 4, [0.0, LN3, LN2, LN4])
+    for heads in ("layer", "group"):
+        pol = ref.TOVARef(3, 0, 0, tova_heads=heads)
+        pol.prefill(q[:3], k[:3], v[:3])
+        assert pol.score(0, 3, q[3], k[3]) == pytest.approx([0.1, 0.3, 0.2])
+        pol.step(3, q[3], k[3], v[3])
+        assert pol.slots == [[3, 1, 2]]
+
+
+def test_tova_prompt_compressor_uses_the_last_query():
+    q, k, _ = scalar_inputs([-1.0, -1.0, -1.0, 1.0], [0.0, LN3, LN2, LN4])  # only q[3] counts
+    assert ref.compress_prompt("tova", q, k, 2, 0, 0) == [[1, 3]]
+    assert ref.compress_prompt("tova", q, k, 2, 1, 0) == [[0, 3]]
+    q[3] = [[-1.0]]  # attention 1, 1/3, 1/2, 1/4: keeps 0 and 2
+    assert ref.compress_prompt("tova", q, k, 2, 0, 0) == [[0, 2]]
+
+
+def test_tova_layer_and_group_differ():
+    # two KV heads, one query head each, q = 1.  head 0: keys 0, ln3 | new 0 -> 1/5, 3/5 | 1/5;
+    # head 1: keys ln4, 0 | new 0 -> 4/6, 1/6 | 1/6.  layer: pos0 (1/5 + 4/6)/2 > pos1 (3/5 + 1/6)/2 -> pos1 goes in
+    # both heads; group: head 0 drops pos0, head 1 drops pos1.
+    k = [[[0.0], [LN4]], [[LN3], [0.0]], [[0.0], [0.0]]]
+    q = [[[1.0], [1.0]] for _ in k]
+    assert ref.run(ref.TOVARef(2, 0, 0), q, k, k, 2, 1)[-1] == [[0, 2], [0, 2]]
+    assert ref.run(ref.TOVARef(2, 0, 0, tova_heads="group"), q, k, k, 2, 1)[-1] == [[1, 2], [0, 2]]
+    # the prompt compressor makes the same choice from the last prompt query
+    assert ref.compress_prompt("tova", q, k, 2, 0, 1) == [[0, 2], [0, 2]]
+    assert ref.compress_prompt("tova", q, k, 2, 0, 1, tova_heads="group") == [[1, 2], [0, 2]]
+
+
+def test_tova_layer_mode_rejects_different_layouts():
+    k = [[[float(p + 1)], [float(8 - p)]] for p in range(8)]  # l2 keeps 0..3 in head 0, 3..6 in head 1
+    q = [[[1.0], [1.0]] for _ in k]
+    pol = ref.TOVARef(4, 0, 0, prompt_compressor="l2")
+    pol.prefill(q[:7], k[:7], k[:7])
+    assert pol.kept() == [[0, 1, 2, 3], [3, 4, 5, 6]]
+    with pytest.raises(ValueError, match="layout"):
+        pol.step(7, q[7], k[7], k[7])
+    with pytest.raises(ValueError):
+        ref.TOVARef(4, 0, 0, W_o=[[[1.0]]] * 2, decode_criticalkv=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# expected_attention
+# ------------------------------------------------------------------------------------------------------
+
+
+def identity_tables(n, d):
+    return [[1.0] * d for _ in range(n)], [[0.0] * d for _ in range(n)]
+
+
+def test_expected_attention_without_covariance_is_softmax_of_the_mean_query_times_vnorm():
+    d, G, T = 4, 1, 6
+    rng = random.Random(5)
+    qa, qb = [rng.gauss(0, 1) for _ in range(d)], [rng.gauss(0, 1) for _ in range(d)]
+    _, k, v = vec_inputs(T + 1, 1, 2, d, seed=9)
+    q = [[[9.0] * d, [-9.0] * d]] + [[qa, qb] for _ in range(1, T + 1)]  # the sink's query is not counted
+    cos, sin = identity_tables(T + 8, d)
+
+    def expected(keys, values):
+        pa = ref.softmax([ref.dot(qa, x) / math.sqrt(d) for x in keys])
+        pb = ref.softmax([ref.dot(qb, x) / math.sqrt(d) for x in keys])
+        return [(a + b) / 2 * ref.l2norm(val) for a, b, val in zip(pa, pb, values)]
+
+    scores, prot = ref.prompt_scores("expected_attention", q[:T], k[:T], G, 1, v=v[:T], cos=cos, sin=sin,
+                                     ea_future_positions=3)
+    want = expected([k[p][0] for p in range(G, T)], [v[p][0] for p in range(G, T)])
+    assert prot == [0, T - 1]
+    assert scores[0] == pytest.approx([max(want)] + want)  # the sink gets the max (kvpress)
+    # decode: the same query again leaves S = 0; candidates = slots at positions >= G + the new key
+    pol = ref.ExpectedAttentionRef(T, G, 1, cos=cos, sin=sin, ea_future_positions=3)
+    pol.prefill(q[:T], k[:T], v[:T])
+    pol.begin_step(T, q[T], k[T])  # the running update with q_T (= the mean query: S stays 0)
+    assert pol.n == T - G + 1 and all(x == 0.0 for row in pol.S[0] for x in row)
+    got = pol.score(0, T, q[T], k[T])
+    want = expected([k[p][0] for p in range(G, T + 1)], [v[p][0] for p in range(G, T)] + [[0.0]])
+    assert got[0] == math.inf and got[1:] == pytest.approx(want[:-1])
+    pol = ref.ExpectedAttentionRef(T, G, 1, cos=cos, sin=sin, ea_future_positions=3, ea_use_vnorm=False,
+                                   ea_epsilon=0.5)
+    pol.prefill(q[:T], k[:T], v[:T])
+    pol.begin_step(T, q[T], k[T])
+    vn = [ref.l2norm(v[p][0]) for p in range(G, T)]
+    assert pol.score(0, T, q[T], k[T])[1:] == pytest.approx([w / n + 0.5 for w, n in zip(want, vn)])
+
+
+def test_expected_attention_covariance_term_hand():
+    # queries (1, 0), (-1, 0): mu = 0, S = diag(1, 0); logit = k^T S k / (2 d) = k0^2 / 4
+    q = [[[1.0, 0.0]], [[-1.0, 0.0]], [[1.0, 0.0]], [[-1.0, 0.0]]]
+    k = [[[2.0, 0.0]], [[0.0, 2.0]], [[1.0, 0.0]], [[0.0, 0.0]]]
+    v = [[[3.0, 4.0]], [[1.0, 0.0]], [[0.0, 2.0]], [[1.0, 0.0]]]
+    cos, sin = identity_tables(8, 2)
+    scores, _ = ref.prompt_scores("expected_attention", q, k, 0, 0, v=v, cos=cos, sin=sin, ea_future_positions=2)
+    p = ref.softmax([1.0, 0.0, 0.25, 0.0])
+    assert scores[0] == pytest.approx([p[0] * 5, p[1] * 1, p[2] * 2, p[3] * 1])
+    scores, _ = ref.prompt_scores("expected_attention", q, k, 0, 0, v=v, cos=cos, sin=sin, ea_future_positions=2,
+                                  ea_use_covariance=False)
+    assert scores[0] == pytest.approx([0.25 * 5, 0.25, 0.5, 0.25])
+
+
+def test_expected_attention_applies_the_mean_future_rotation():
+    # cos = 0, sin = 1: R x = P x = (-x1, x0); the mean query (1, 0) becomes (0, 1) and favours the key along e_y
+    q = [[[1.0, 0.0]] for _ in range(3)]
+    k = [[[2.0, 0.0]], [[0.0, 2.0]], [[0.0, 0.0]]]
+    ident = identity_tables(8, 2)
+    quarter = ([[0.0, 0.0]] * 8, [[1.0, 1.0]] * 8)
+    kw = dict(ea_use_vnorm=False, ea_future_positions=4)
+    assert ref.compress_prompt("expected_attention", q, k, 1, 0, 0, cos=ident[0], sin=ident[1], **kw) == [[0]]
+    assert ref.compress_prompt("expected_attention", q, k, 1, 0, 0, cos=quarter[0], sin=quarter[1], **kw) == [[1]]
+    assert ref.mean_rotation(*quarter, 3, 4) == [[0.0, -1.0], [1.0, 0.0]]
+    # the standard tables: Rbar is the mean of the per-position rotations, e.g. d = 2, angles p
+    cos, sin = ref.rope_tables(10, 2)
+    Rb = ref.mean_rotation(cos, sin, 2, 3)
+    c, s = sum(math.cos(p) for p in (2, 3, 4)) / 3, sum(math.sin(p) for p in (2, 3, 4)) / 3
+    assert Rb == [[pytest.approx(c), pytest.approx(-s)], [pytest.approx(s), pytest.approx(c)]]
+
+
+def test_running_covariance_equals_batch_population_covariance():
+    rng = random.Random(11)
+    xs = [[rng.gauss(0, 1) for _ in range(3)] for _ in range(7)]
+    n, mu, S = ref.population_stats([], 3)
+    for i, x in enumerate(xs):
+        n, mu, S = ref.ea_update(n, mu, S, x, window=7)  # n <= W throughout
+        bn, bmu, bS = ref.population_stats(xs[:i + 1])
+        assert n == bn and mu == pytest.approx(bmu)
+        assert [a for row in S for a in row] == pytest.approx([a for row in bS for a in row])
+    # past the window the weight stays 1/W: W = 1 keeps only the newest query
+    n, mu, S = ref.ea_update(*ref.population_stats(xs), [5.0, -1.0, 2.0], window=1)
+    assert n == 8 and mu == pytest.approx([5.0, -1.0, 2.0]) and S == [[0.0] * 3] * 3
+
+
+def test_expected_attention_policy_statistics_follow_prompt_then_decode_queries():
+    G, T, steps = 2, 5, 4
+    q, k, v = vec_inputs(T + steps, 1, 2, 4, seed=4)
+    cos, sin = ref.rope_tables(T + steps + 8, 4)
+    pol = ref.ExpectedAttentionRef(6, G, 1, cos=cos, sin=sin, ea_future_positions=3, ea_query_window=100)
+    pol.prefill(q[:T], k[:T], v[:T])
+    for t in range(T, T + steps + 1):
+        for j in range(2):
+            n, mu, S = ref.population_stats([q[p][j] for p in range(G, t)])
+            assert pol.n == n == t - G
+            assert pol.mu[j] == pytest.approx(mu)
+            assert [a for row in pol.S[j] for a in row] == pytest.approx([a for row in S for a in row])
+        if t < T + steps:
+            pol.step(t, q[t], k[t], v[t])
+
+
+# ------------------------------------------------------------------------------------------------------
+# lsh prompt compressor
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_lsh_prompt_compressor_keeps_keys_close_to_recent_queries():
+    keys = [MM, PP, MM, PM, MP, MM]
+    k = [[x] for x in keys]
+    q = [[MM] for _ in keys]
+    q[5] = [PP]  # distances to PP: pos1 0, pos2 2, pos3 1, pos4 1
+    assert ref.compress_prompt("lsh", q, k, 3, 1, 1, R=R2, observation_window=1) == [[0, 1, 5]]
+    assert ref.compress_prompt("lsh", q, k, 4, 1, 1, R=R2, observation_window=1) == [[0, 1, 3, 5]]
+    assert ref.compress_prompt("lsh", q, k, 5, 1, 1, R=R2, observation_window=1) == [[0, 1, 3, 4, 5]]
+    q[4] = [PM]  # window 2 adds the distances to PM: pos1 1, pos2 1, pos3 0, pos4 2 -> sums 1, 3, 1, 3
+    assert ref.compress_prompt("lsh", q, k, 5, 1, 1, R=R2, observation_window=2) == [[0, 1, 2, 3, 5]]
+    scores, _ = ref.prompt_scores("lsh", q, k, 1, 1, R=R2, observation_window=2)
+    assert scores[0][1:5] == [-1.0, -3.0, -1.0, -3.0]
+
+
+# ------------------------------------------------------------------------------------------------------
+# keep-set wrappers: chunkkv, criticalkv, adakv
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_chunkkv_keeps_whole_chunks_and_skips_one_that_does_not_fit():
+    # summed scores 1,1,1 | 5,5,5 | 4,4,4 | 9: chunk means 1, 5, 4, 9; protected 0 and 9
+    s = [[0, 0, 0, 5, 5, 5, 4, 4, 4, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0, 9]]
+    # C = 7: chunk 3 (nothing new), chunk 1 (3 new, 2 left), chunk 2 (3 new) skipped, chunk 0 (1, 2) fits
+    assert ref.chunkkv_keep(s, [0, 9], 7, 3) == [[0, 1, 2, 3, 4, 5, 9]] * 2
+    # C = 6: chunk 1 fills 3 of 4, nothing else fits: one slot stays empty
+    assert ref.chunkkv_keep(s, [0, 9], 6, 3) == [[0, 3, 4, 5, 9]] * 2
+    # kvpress ChunkKV (no protection, T a multiple of L): floor(C / L) whole chunks
+    assert ref.chunkkv_keep([x[:9] for x in s], [], 7, 3) == [[3, 4, 5, 6, 7, 8]] * 2
+
+
+def test_vnorm_is_the_group_mean_l1_norm_of_the_projected_value():
+    W_o = [[[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 0.0]]]  # two query heads sharing one KV head
+    assert ref.vnorm_of([[[3.0, -1.0]]], W_o, 2) == [[(4.0 + 6.0) / 2]]
+    assert ref.vnorm_of([[[3.0, -1.0], [1.0, 1.0]]], W_o, 1) == [[4.0], [2.0]]
+
+
+def test_criticalkv_stage_one_pins_the_top_n1():
+    s = [[0.0, 0.9, 0.8, 0.1, 0.2, 0.3]]
+    vn = [[1.0, 0.01, 0.01, 5.0, 5.0, 5.0]]
+    # n1 = int(4 * 0.5) = 2: positions 1 and 2 are kept despite their tiny stage-2 score (0.009)
+    assert ref.criticalkv_keep(s, [0], 4, vn) == [[0, 1, 2, 5]]
+    # n1 = max(1, int(0.4)) = 1: only position 1 is pinned; stage 2 (s + e) * vnorm ranks 5 (1.5), 4 (1.0)
+    assert ref.criticalkv_keep(s, [0], 4, vn, first_stage_ratio=0.1) == [[0, 1, 4, 5]]
+
+
+def test_adakv_per_head_budgets_sum_to_the_layer_budget_and_respect_the_safeguard():
+    s = [[0, 9, 8, 7, 6, 5, 4, 3], [0, 0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.05]]
+    # n_safe = int(4 * 0.25) = 1: pinned 1 (head 0) and 6 (head 1); the remaining 4 of 8 all go to head 0
+    assert ref.adakv_keep(s, [0], 4, alpha_safeguard=0.25) == [[0, 1, 2, 3, 4, 5], [0, 6]]
+    rng = random.Random(2)
+    for trial in range(20):
+        H, T, C = 3, 20, 6
+        s = [[rng.random() ** (h + 1) for _ in range(T)] for h in range(H)]
+        kept = ref.adakv_keep(s, [0, 1, 19], C, alpha_safeguard=0.34)
+        assert sum(len(x) for x in kept) == H * C
+        for h, x in enumerate(kept):
+            assert x == sorted(set(x)) and {0, 1, 19} <= set(x)
+            top2 = sorted(range(T), key=lambda p: (-s[h][p], p))[:2]  # n_safe = int(6 * 0.34) = 2
+            assert set(top2) <= set(x)
+
+
+def test_keep_wrappers_from_a_policy_use_its_own_prompt_scores():
+    C, G, r, T = 7, 1, 1, 12
+    q, k, v = vec_inputs(T + 6, 2, 4, 4, seed=8)
+    pol = ref.L2Ref(C, G, r, keep_wrapper=("chunkkv", {"chunk_size": 3}))
+    out = ref.run(pol, q, k, v, T, 6)
+    want = ref.chunkkv_keep(*ref.prompt_scores("l2", q[:T], k[:T], G, r), C, 3)
+    assert out[0] == want
+    n0 = len(want[0])
+    for i, kept in enumerate(out):
+        assert all(len(x) == min(C, n0 + i) for x in kept)  # a shortfall fills up with the next tokens
+    pol = ref.KeyDiffRef(C, G, r, keep_wrapper="criticalkv", W_o=W_O_RAND)
+    pol.prefill(q[:T], k[:T], v[:T])
+    scores, prot = ref.prompt_scores("keydiff", q[:T], k[:T], G, r)
+    assert pol.kept() == ref.criticalkv_keep(scores, prot, C, ref.vnorm_of(v[:T], W_O_RAND, 2))
+    pol = ref.HeavyHitterRef(C, G, r, observation_window=3, keep_wrapper=("adakv", {"alpha_safeguard": 0.3}))
+    pol.prefill(q[:T], k[:T], v[:T])
+    scores, prot = ref.prompt_scores("heavy_hitter", q[:T], k[:T], G, r, observation_window=3)
+    assert pol.kept() == ref.adakv_keep(scores, prot, C, alpha_safeguard=0.3)
+    with pytest.raises(NotImplementedError):
+        pol.step(T, q[T], k[T], v[T])
+
+
+def test_criticalkv_at_decode_weights_the_inner_score_by_vnorm():
+    k = [[[1.0, 0.0]], [[2.0, 0.0]], [[3.0, 0.0]], [[0.5, 0.0]]]
+    v = [[[1.0, 0.0]], [[1.0, 0.0]], [[0.1, 0.0]], [[1.0, 0.0]]]
+    q = [[[1.0, 0.0]] for _ in k]
+    W_o = [[[1.0, 0.0], [0.0, 1.0]]]
+    # l2: -1, -2, -3 -> slot 2 goes; criticalkv: (-1 + e) 1, (-2 + e) 1, (-3 + e) 0.1 = -0.3 -> slot 1 goes
+    assert ref.run(ref.L2Ref(3, 0, 0), q, k, v, 3, 1)[-1] == [[0, 1, 3]]
+    pol = ref.L2Ref(3, 0, 0, W_o=W_o, decode_criticalkv=True)
+    assert ref.run(pol, q, k, v, 3, 1)[-1] == [[0, 2, 3]]
+    assert pol.vnorms == [[1.0, 1.0, 0.1]]  # the new slot's vnorm is stored at insertion
+
+
+def test_keydiff_rejects_a_zero_key():
+    k = [[[1.0, 0.0]], [[0.0, 0.0]], [[0.0, 1.0]]]
+    with pytest.raises(ValueError):
+        ref.compress_prompt("keydiff", k, k, 2, 0, 0)
