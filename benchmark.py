@@ -429,9 +429,10 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None, ba
         """(sequence 0's tokens, stats); decode_steps_per_s: steps per second (= tokens/s for one sequence)."""
         if batch == 1:
             toks, st = gen.generate(model, prompt, n, prefill_fn=prefill_fn, decode_fn=decode_fn,
-                                    feed_long_prompts=ns.feed_long_prompts)
+                                    feed_long_prompts=ns.feed_long_prompts, prefill_chunk=ns.prefill_chunk)
             return toks, {**st, "decode_steps_per_s": st["decode_tokens_per_s"]}
-        toks, st = gen.generate_batch(model, prompts, n, prefill_fn=prefill_fn, decode_fn=decode_fn)
+        toks, st = gen.generate_batch(model, prompts, n, prefill_fn=prefill_fn, decode_fn=decode_fn,
+                                      prefill_chunk=ns.prefill_chunk)
         return toks[0], st
 
     label = f"{fmt} {strategy} budget={budget_label(budget)} ctx={ctx}" + (f" batch={batch}" if batch > 1 else "")

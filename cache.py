@@ -90,8 +90,10 @@ def check_params(params: dict, values: dict, owner: str = "") -> dict:
 
 
 PROMPT_COMPRESSORS = ("recent_global", "random", "l2", "heavy_hitter", "keep_it_odd", "lsh", "keydiff", "tova",
-                      "expected_attention")
+                      "expected_attention", "kvzip")
 KEEP_SET_RULES = ("topk", "chunkkv", "criticalkv", "adakv")
+KVZIP_INSTRUCTION = "\n\nRepeat the previous context exactly.\n"  # KVzip's reconstruction prompt (as kvpress)
+KVZIP_MAX_INSTRUCTION = 64  # tokens the instruction may take (RoPE tables are made this much longer)
 
 # The engine's own knobs, shared by every policy (constructor arguments of KVCache, flags of policies.py).
 CACHE_PARAMS = {
@@ -313,8 +315,11 @@ class KVCache(nn.Module):
         self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
         self.loss_meter = AttentionLossMeter(batch_size, n_kv_heads, self.max_seq_length, head_dim, dtype) \
             if self.debug_attention_loss else None
-        self.out_proj = None  # criticalkv: the layer's output projection per query head [H, D, dim], set_output_projection
+        self.out_proj = None  # criticalkv: the output projection per query head [H, D, dim] (set_output_projection)
         self.head_group, self.head_world = None, 1  # tensor parallelism: the ranks that hold this layer's other heads
+        self.kvzip_instruction = None  # kvzip: the reconstruction instruction's ids (policies.install, tokenizer)
+        if self.prompt_compressor == "kvzip":  # the reconstruction reads the prompt twice: positions up to 2T + k
+            self.rope_margin = self.max_seq_length + KVZIP_MAX_INSTRUCTION
         if self.keep_set == "criticalkv":  # |W_o v|_1 of each slot's value (mean over the query heads of its KV head)
             self.register_buffer("slot_vnorm", torch.zeros(shape[:3]), persistent=False)
         if self.own_prompt_rule and (engine["prompt_compression_strategy"] or self.keep_set != "topk"):
@@ -362,15 +367,21 @@ class KVCache(nn.Module):
         return apply_rope(x, self.rope_cos[input_pos], self.rope_sin[input_pos])
 
     # -- prefill -------------------------------------------------------------------------------------------
-    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None) -> Tensor:
+    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None,
+                context_len: int = None) -> Tensor:
         """The prompt: un-rotated k, v [B, Hkv, T, D] and q [B, H, T, D] at positions input_pos = 0..T-1. Returns
         its causal self-attention y [B, H, T, D]; the cache then keeps what its policy keeps.
-        row: which sequence of a batch of caches (a single cache holds one; None or 0)."""
+        row: which sequence of a batch of caches (a single cache holds one; None or 0).
+        context_len: only the first context_len tokens are the prompt; the rest is a scoring extension that the
+        cache reads but does not keep (KVzip's context reconstruction)."""
         if row not in (None, 0):
             raise ValueError(f"a single cache has no sequence {row}")
-        T = k.shape[2]
         k_rot, q_rot = self.rope(k, input_pos), self.rope(q, input_pos)
+        if int(self.seen) > 0:  # the cache already holds the prompt's earlier chunks
+            return self.prefill_chunk(input_pos, k_rot, v, q_rot)
+        T = self.context_len = context_len or k.shape[2]
         y = self.prompt_attention(q_rot, k_rot, v)
+        k, k_rot, v, q_rot, input_pos = k[:, :, :T], k_rot[:, :, :T], v[:, :, :T], q_rot[:, :, :T], input_pos[:T]
         keep = self.prompt_keep(k_rot, q_rot, v)
         self.write_prompt(input_pos, k if self.rotates_keys else k_rot, v, keep)
         self.seen.fill_(T)
@@ -383,13 +394,22 @@ class KVCache(nn.Module):
         """Causal self-attention of the prompt (rotated q, k): the fused kernel, or, for policies that learn from the
         prompt's attention (needs_prompt_attention), one streamed pass that also hands each chunk of probabilities
         to observe_prompt_attention (so the attention is computed once, not again for the policy)."""
-        if not self.needs_prompt_attention:
+        if not (self.needs_prompt_attention or self.prompt_compressor == "kvzip"):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         return streamed_prompt_attention(q, k, v, self.observe_prompt_attention)
 
     def observe_prompt_attention(self, start: int, probs: Tensor):
-        """probs [B, Hkv, c, T]: the causal attention of prompt queries start..start+c-1 (mean over each KV head's
-        query heads), for policies with needs_prompt_attention."""
+        """probs [B, Hkv, G, c, T]: the causal attention of prompt queries start..start+c-1 (G: each KV head's query
+        heads), for policies with needs_prompt_attention, and for the kvzip compressor: a prompt position's score is
+        the largest attention it gets from the reconstruction queries (positions >= context_len), over the heads."""
+        if self.prompt_compressor != "kvzip":
+            return
+        T, c = self.context_len, probs.shape[3]
+        if start == 0:
+            self._kvzip = torch.zeros(probs.shape[0], probs.shape[1], T, device=probs.device)
+        if start + c > T:
+            rows = probs[:, :, :, max(0, T - start):, :T]  # queries of the extension, keys of the prompt
+            self._kvzip = torch.maximum(self._kvzip, rows.amax(dim=(2, 3)))
 
     def prompt_keep(self, k: Tensor, q: Tensor, v: Tensor):
         """The prompt positions to keep: None (all of them, T <= budget) or [B, Hkv, n <= C] increasing.
@@ -417,20 +437,62 @@ class KVCache(nn.Module):
     def after_prefill(self, k: Tensor, q: Tensor, keep):
         """Seed per-slot state from the prompt (k, q rotated; keep: the kept positions, or None when all were)."""
 
-    def compress_prompt(self, k: Tensor, q: Tensor, v: Tensor) -> Tensor:
-        """kv_budget prompt positions per KV head [B, Hkv, C], increasing (-1 = an empty slot, keep-set rules that
-        keep fewer): the protected positions of the prompt compressor first, then its highest scores (ties to the
-        lower position), chosen by the keep-set rule (--keep_set)."""
-        B, Hkv, T, _ = k.shape
-        score, recent = PROMPT_SCORERS[self.prompt_compressor](self, k, q, v)
-        positions = torch.arange(T, device=k.device).expand(B, Hkv, T)
-        protected = (positions < self.global_tokens) | (positions >= T - recent)
+    def compress_prompt(self, k: Tensor, q: Tensor, v: Tensor, pos: Tensor = None) -> Tensor:
+        """The candidates to keep, as indices [B, Hkv, C] into the candidate axis (-1: an empty slot, for keep-set
+        rules that keep fewer): the compressor's protected positions first, then its highest scores (ties to the
+        lower position), chosen by the keep-set rule (--keep_set). The candidates are the prompt (k, v
+        [B, Hkv, M, D], pos None: positions 0..M-1, index = position) or, for a later chunk of a prompt, the cached
+        slots and the chunk in increasing position order (pos [B, Hkv, M], -1 = an empty slot, first). q: the
+        newest queries (the prompt's, or the chunk's)."""
+        T = k.shape[2] if pos is None else int(pos.max()) + 1  # the prompt so far
+        pos = positions_like(k) if pos is None else pos
+        valid = pos >= 0
+        score, recent = PROMPT_SCORERS[self.prompt_compressor](self, k, q, v, pos)
+        protected = valid & ((pos < self.global_tokens) | (pos >= T - recent))
         n_protected = int(protected[0, 0].sum())
-        if n_protected > self.kv_budget:
+        if n_protected > self.budget:
             raise ValueError(f"prompt compressor {self.prompt_compressor!r} must keep {n_protected} tokens (sinks + "
-                             f"window) but the budget is {self.kv_budget} slots; lower --observation_window or "
+                             f"window) but the budget is {self.budget} slots; lower --observation_window or "
                              "--recent_window")
-        return KEEP_SETS[self.keep_set](self, score.double(), protected, v)
+        score = score.double().masked_fill(~valid, float("-inf"))
+        return KEEP_SETS[self.keep_set](self, score, protected, v)
+
+    # -- a later chunk of a prompt (--prefill_chunk) ------------------------------------------------------
+    def prefill_chunk(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
+        """The next N prompt tokens (rotated k, q; input_pos [N]) after earlier chunks: their queries attend to the
+        cached slots and, causally, to the chunk; then the cached tokens and the chunk's compete for the budget by
+        the prompt compressor's scores (the chunk's queries are the newest), so the cache never holds more than
+        the budget and the prompt may be longer than any buffer. Returns y [B, H, N, D]."""
+        name = type(self).__name__
+        if self.own_prompt_rule or self.needs_prompt_attention or self.rotates_keys or self.keep_set == "adakv":
+            raise ValueError(f"--prefill_chunk is not supported by {name}" + (" with --keep_set adakv" if
+                             self.keep_set == "adakv" else "") + " (its prompt rule needs the whole prompt); use "
+                             "--feed_long_prompts")
+        B, Hkv, N, D = k.shape
+        keys = torch.cat([self.keys(), k.to(self.kv_dtype)], dim=2)
+        values = torch.cat([self.values(), v.to(self.kv_dtype)], dim=2)
+        pos = torch.cat([self.pos, input_pos.view(1, 1, N).expand(B, Hkv, N)], dim=2)
+        visible = (pos.unsqueeze(2) >= 0) & (pos.unsqueeze(2) <= input_pos.view(1, 1, N, 1))  # [B, Hkv, N, M]
+        y, _ = attention(q, keys, values, visible)
+        order = pos.argsort(dim=-1, stable=True)  # increasing positions, empty slots (-1) first
+        pos = pos.gather(-1, order)
+        idx = order.unsqueeze(-1).expand(-1, -1, -1, D)
+        keys, values = keys.gather(2, idx), values.gather(2, idx)
+        keep = self.compress_prompt(keys, q, values, pos)
+        kept_pos = pos.gather(-1, keep.clamp(min=0)).masked_fill(keep < 0, -1)
+        gather = keep.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, D)
+        n = keep.shape[-1]
+        self.store.write(torch.arange(n, device=k.device).expand(B, Hkv, n), keys.gather(2, gather),
+                         values.gather(2, gather))
+        self.pos[:, :, :n] = kept_pos
+        self.pos[:, :, n:] = -1
+        if self.keep_set == "criticalkv":
+            self.slot_vnorm[:, :, :n] = self.value_norms(values).gather(2, keep.clamp(min=0))
+        self.seen.fill_(int(input_pos[-1]) + 1)
+        if self.loss_meter is not None:
+            self.loss_meter.shadow_k[:, :, input_pos] = k
+        self.after_prefill(keys, q, keep)
+        return y
 
     # -- decode --------------------------------------------------------------------------------------------
     def decode(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
@@ -589,27 +651,29 @@ class KVCache(nn.Module):
         return int((self.pos >= 0).sum())
 
 
-def snapkv_scores(q: Tensor, k: Tensor, window: int, kernel: int) -> Tensor:
-    """SnapKV (Li et al. 2024, arXiv 2404.14469): the attention of the last `window` prompt queries to each key
-    before the window (mean over the window and the GQA group), smoothed by 1-D average pooling over those keys
-    (zero padding counted, as SnapKV's code and kvpress); the window's own positions score +inf (always kept).
-    q [B, H, T, D], k [B, Hkv, T, D] -> [B, Hkv, T]."""
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    w = min(window, T)
-    qw = q[:, :, T - w:].float().reshape(B, Hkv, H // Hkv * w, D)
-    scores = qw @ k.float().transpose(-1, -2) / math.sqrt(D)  # [B, Hkv, G*w, T]
-    rows = torch.arange(T - w, T, device=q.device).repeat(H // Hkv)
-    causal = torch.arange(T, device=q.device)[None, :] <= rows[:, None]
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(2)[..., :T - w]  # [B, Hkv, T - w]
-    pooled = F.avg_pool1d(probs, kernel, stride=1, padding=kernel // 2) if T > w else probs
+def snapkv_scores(q: Tensor, k: Tensor, window: int, kernel: int, pos: Tensor = None) -> Tensor:
+    """SnapKV (Li et al. 2024, arXiv 2404.14469): the attention of the last `window` queries to each key before the
+    window (mean over the window and the GQA group), smoothed by 1-D average pooling over those keys (zero padding
+    counted, as SnapKV's code and kvpress); the window's own keys score +inf (always kept). q [B, H, n, D] (the
+    newest queries), k [B, Hkv, M, D] at positions pos [B, Hkv, M] (default 0..M-1; increasing, -1 = empty, first;
+    the last `window` keys are the window's) -> [B, Hkv, M]."""
+    B, H, n, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    pos = torch.arange(M, device=q.device).expand(B, Hkv, M) if pos is None else pos
+    w = min(window, n)
+    qw = q[:, :, n - w:].float().reshape(B, Hkv, H // Hkv * w, D)
+    scores = qw @ k.float().transpose(-1, -2) / math.sqrt(D)  # [B, Hkv, G*w, M]
+    rows = pos[:, :, M - w:].repeat(1, 1, H // Hkv)  # the window queries' positions = the window keys'
+    visible = (pos.unsqueeze(2) <= rows.unsqueeze(-1)) & (pos >= 0).unsqueeze(2)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).mean(2)[..., :M - w]  # [B, Hkv, M - w]
+    pooled = F.avg_pool1d(probs, kernel, stride=1, padding=kernel // 2) if M > w else probs
     return torch.cat([pooled, pooled.new_full((B, Hkv, w), float("inf"))], dim=-1)
 
 
 @torch.compiler.disable  # a Python loop over query chunks: compiled, it would recompile per prompt length
 def streamed_prompt_attention(q: Tensor, k: Tensor, v: Tensor, observe) -> Tensor:
     """Causal attention of the prompt computed in fp32 query chunks (at most ~32M probabilities at a time); each
-    chunk's probabilities, averaged over the query heads of each KV head, go to observe(start, probs [B, Hkv, c, T]).
+    chunk's probabilities go to observe(start, probs [B, Hkv, G, c, T]) (G: the query heads of each KV head).
     q [B, H, T, D]; k, v [B, Hkv, T, D] -> y [B, H, T, D] in q's dtype."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -623,7 +687,7 @@ def streamed_prompt_attention(q: Tensor, k: Tensor, v: Tensor, observe) -> Tenso
         scores = qc.reshape(B, Hkv, G, c, D) @ kf / math.sqrt(D)  # [B, Hkv, G, c, T]
         causal = torch.arange(T, device=q.device)[None, :] <= torch.arange(s, s + c, device=q.device)[:, None]
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        observe(s, probs.mean(2))
+        observe(s, probs)
         ys.append((probs @ vf).reshape(B, H, c, D))
     return torch.cat(ys, dim=2).to(q.dtype)
 
@@ -738,9 +802,14 @@ class HeavyHitterCache(KVCache):
     def observe_prompt_attention(self, start, probs):
         """H2O's history from the prompt: each prompt query counts as one step (with a window: the last W only).
         Accumulated chunk by chunk while the prompt's attention is computed (no second attention pass)."""
+        super().observe_prompt_attention(start, probs)
+        T = self.context_len  # a KVzip extension's queries are not steps of this sequence
+        probs = probs.mean(2)[:, :, :max(0, T - start), :T]
+        if start >= T:
+            return
         if start == 0:
             self._seed = {"sums": 0, "counts": 0, "rows": []}
-        T, W = probs.shape[-1], self.history_window_size
+        W = self.history_window_size
         rows = torch.arange(start, start + probs.shape[2], device=probs.device)
         visible = (torch.arange(T, device=probs.device)[None, :] <= rows[:, None]).float()  # [c, T]
         vals = self.step_values(probs, (rows + 1.0)[:, None]) * visible
@@ -994,7 +1063,7 @@ class ExpectedAttentionCache(KVCache):
         super().__init__(batch_size, n_kv_heads, head_dim, kv_budget, dtype, **kw)
         if self.rotates_keys:
             raise ValueError("expected_attention scores at absolute positions: use --position_mode absolute")
-        self.rope_margin = self.ea_future_positions + 1  # the tables must reach the last future position
+        self.rope_margin = max(self.rope_margin, self.ea_future_positions + 1)  # up to the last future position
         H = self.n_heads
         self.register_buffer("q_mean", torch.zeros(batch_size, H, head_dim), persistent=False)
         self.register_buffer("q_cov", torch.zeros(batch_size, H, head_dim, head_dim), persistent=False)
@@ -1010,21 +1079,32 @@ class ExpectedAttentionCache(KVCache):
                              f"--ea_future_positions); got {cos.shape[0]}: install caches with policies.install")
         super().set_rope(cos, sin)
 
-    def prefill(self, input_pos, k, v, q, row=None):
+    def prefill(self, input_pos, k, v, q, row=None, context_len=None):
         """The query statistics come first (the prompt compressor scores with them): the pre-RoPE prompt queries
         after the sinks."""
         if q.shape[1] != self.q_mean.shape[1]:
             raise ValueError(f"expected_attention was built for {self.q_mean.shape[1]} query heads, the model has "
                              f"{q.shape[1]}: give build_caches n_heads")
-        qs = q[:, :, self.global_tokens:].float()
+        first = int(input_pos[0])
+        qs = q[:, :, max(0, self.global_tokens - first):context_len].float()  # the prompt's, after the sinks
         n = qs.shape[2]
         if n:
             mean = qs.mean(2)
             centred = qs - mean.unsqueeze(2)
+            cov = centred.transpose(-1, -2) @ centred / n
+            if first > 0 and int(self.q_count) > 0:  # a later chunk (--prefill_chunk): merge, exactly
+                m = int(self.q_count)
+                delta = mean - self.q_mean
+                mean = self.q_mean + delta * (n / (m + n))
+                outer = delta.unsqueeze(-1) * delta.unsqueeze(-2)
+                cov = (m * self.q_cov + n * cov) / (m + n) + outer * (m * n / (m + n) ** 2)
+                n += m
             self.q_mean.copy_(mean)
-            self.q_cov.copy_(centred.transpose(-1, -2) @ centred / n)
-        self.q_count.fill_(n)
-        return super().prefill(input_pos, k, v, q, row=row)
+            self.q_cov.copy_(cov)
+            self.q_count.fill_(n)
+        elif first == 0:
+            self.q_count.fill_(0)
+        return super().prefill(input_pos, k, v, q, row=row, context_len=context_len)
 
     def update(self, input_pos, k, v, q):
         """The new query updates the statistics before the eviction is scored."""
@@ -1085,61 +1165,75 @@ def positions_like(k: Tensor) -> Tensor:
     return torch.arange(T, device=k.device).expand(B, Hkv, T)
 
 
-def prompt_recent_global(cache, k, q, v):
-    return positions_like(k).double(), cache.budget - cache.global_tokens
+# Each takes the candidates k, v [B, Hkv, M, D] at positions pos [B, Hkv, M] (-1: an empty slot; scores there are
+# ignored) and the newest queries q [B, H, n, D] (the last prompt positions); returns (scores [B, Hkv, M], how many
+# recent positions are protected).
+def prompt_recent_global(cache, k, q, v, pos):
+    return pos.double(), cache.budget - cache.global_tokens
 
 
-def prompt_random(cache, k, q, v):
-    return hash_uniform(positions_like(k), 0, cache.layer_idx), cache.recent_window  # the same draw alone or batched
+def prompt_random(cache, k, q, v, pos):
+    return hash_uniform(pos.clamp(min=0), 0, cache.layer_idx), cache.recent_window  # the same draw alone or batched
 
 
-def prompt_l2(cache, k, q, v):
+def prompt_l2(cache, k, q, v, pos):
     return -k.float().norm(dim=-1), cache.recent_window  # keep the low-norm keys
 
 
-def prompt_keep_it_odd(cache, k, q, v):
-    pos = positions_like(k)
-    return (pos % 2 == 1).double() * k.shape[2] + pos, cache.recent_window  # odd positions first, newest first
+def prompt_keep_it_odd(cache, k, q, v, pos):
+    return (pos % 2 == 1).double() * (int(pos.max()) + 1) + pos, cache.recent_window  # odd first, newest first
 
 
-def prompt_heavy_hitter(cache, k, q, v):
+def prompt_heavy_hitter(cache, k, q, v, pos):
     """SnapKV: the observation window of queries protects itself."""
-    return snapkv_scores(q, k, cache.observation_window, cache.pooling_kernel), cache.observation_window
+    w = min(cache.observation_window, q.shape[2])
+    return snapkv_scores(q, k, w, cache.pooling_kernel, pos), w
 
 
-def prompt_lsh(cache, k, q, v):
+def prompt_lsh(cache, k, q, v, pos):
     """Hamming distance of each key's hash to the hashes of the last observation_window queries (summed over the
     KV head's query heads): keys that hash like the recent queries are kept."""
-    B, H, T, D = q.shape
+    B, H, n, D = q.shape
     Hkv = k.shape[1]
-    w = min(cache.observation_window, T)
-    hq = cache.hash(q[:, :, T - w:]).view(B, Hkv, -1, 1, cache.hashes.shape[-1])  # [B, Hkv, G*w, 1, nb]
-    d = cache.hamming(hq, cache.hash(k).unsqueeze(2)).sum(2)  # [B, Hkv, T]
+    w = min(cache.observation_window, n)
+    hq = cache.hash(q[:, :, n - w:]).view(B, Hkv, -1, 1, cache.hashes.shape[-1])  # [B, Hkv, G*w, 1, nb]
+    d = cache.hamming(hq, cache.hash(k).unsqueeze(2)).sum(2)  # [B, Hkv, M]
     return -d.double(), cache.recent_window
 
 
-def prompt_keydiff(cache, k, q, v):
+def prompt_keydiff(cache, k, q, v, pos):
+    valid = (pos >= 0).unsqueeze(-1)
     kn = F.normalize(k.float(), dim=-1)
-    anchor = F.normalize(kn.mean(2, keepdim=True), dim=-1)
+    anchor = F.normalize((kn * valid).sum(2, keepdim=True) / valid.sum(2, keepdim=True), dim=-1)
     return -(kn * anchor).sum(-1), cache.recent_window
 
 
-def prompt_tova(cache, k, q, v):
+def prompt_tova(cache, k, q, v, pos):
     """The last prompt query's attention over the whole prompt, averaged over the layer's (or the group's) heads."""
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    probs = (q[:, :, -1].float().reshape(B, Hkv, H // Hkv, 1, D) @ k.float().unsqueeze(2).transpose(-1, -2)
-             / math.sqrt(D)).softmax(-1)[:, :, :, 0]  # [B, Hkv, G, T]
+    B, H, n, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    logits = q[:, :, -1].float().reshape(B, Hkv, H // Hkv, 1, D) @ k.float().unsqueeze(2).transpose(-1, -2)
+    logits = (logits / math.sqrt(D)).masked_fill((pos < 0).view(B, Hkv, 1, 1, M), float("-inf"))
+    probs = logits.softmax(-1)[:, :, :, 0]  # [B, Hkv, G, M]
     if getattr(cache, "tova_heads", "layer") == "group":
         return probs.mean(2), cache.recent_window
-    return (cache.sum_over_heads(probs.sum(2)) / (H * cache.head_world)).expand(B, Hkv, T), cache.recent_window
+    return (cache.sum_over_heads(probs.sum(2)) / (H * cache.head_world)).expand(B, Hkv, M), cache.recent_window
 
 
-def prompt_expected_attention(cache, k, q, v):
+def prompt_expected_attention(cache, k, q, v, pos):
     """Expected attention with the prompt's query statistics (ExpectedAttentionCache.prefill computed them) under
     the mean rotation of the positions right after the prompt; the sinks are excluded from the softmax (and kept)."""
-    pos = positions_like(k)
-    return cache.expected_scores(k, v, pos >= cache.global_tokens, k.shape[2]).double(), cache.recent_window
+    return cache.expected_scores(k, v, pos >= cache.global_tokens, int(pos.max()) + 1).double(), cache.recent_window
+
+
+def prompt_kvzip(cache, k, q, v, pos):
+    """KVzip: the largest attention each prompt key received from the reconstruction queries (the model re-reading
+    the prompt after "Repeat the previous context exactly."): computed while the extended prompt was prefilled."""
+    scores = getattr(cache, "_kvzip", None)
+    if scores is None or scores.shape[-1] != k.shape[2]:
+        raise ValueError("prompt compressor kvzip needs the reconstruction pass: prefill with runtime.prefill, which "
+                         "extends a long prompt (policies.setup(..., tokenizer=...) gives the caches the instruction)")
+    return scores.double(), cache.recent_window
 
 
 PROMPT_SCORERS = {
@@ -1152,6 +1246,7 @@ PROMPT_SCORERS = {
     "keydiff": prompt_keydiff,
     "tova": prompt_tova,
     "expected_attention": prompt_expected_attention,
+    "kvzip": prompt_kvzip,
 }
 
 
@@ -1263,10 +1358,10 @@ class SequenceBatch(nn.Module):
         for c in self.rows:
             c.set_rope(cos, sin)
 
-    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None):
+    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None, context_len: int = None):
         if row is None:
             raise ValueError("a batch of caches is prefilled one sequence at a time: give row")
-        return self.rows[row].prefill(input_pos, k, v, q)
+        return self.rows[row].prefill(input_pos, k, v, q, context_len=context_len)
 
     def decode(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
         """input_pos [B, T] (each sequence's positions) or [T] (shared); k, v [B, Hkv, T, D]; q [B, H, T, D]."""

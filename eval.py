@@ -221,10 +221,11 @@ class Runtime:
         t = time.perf_counter()
         if kind == "generate" and self.a.batch_size > 1:
             gen.generate_batch(self.model, [ids] * self.a.batch_size, 4, sampling=self.sampling,
-                               prefill_fn=self.prefill_fn, decode_fn=self.decode_fn)
+                               prefill_fn=self.prefill_fn, decode_fn=self.decode_fn, prefill_chunk=self.a.prefill_chunk)
         elif kind == "generate":
             gen.generate(self.model, ids, 4, sampling=self.sampling, prefill_fn=self.prefill_fn,
-                         decode_fn=self.decode_fn, feed_long_prompts=self.a.feed_long_prompts)
+                         decode_fn=self.decode_fn, feed_long_prompts=self.a.feed_long_prompts,
+                         prefill_chunk=self.a.prefill_chunk)
         elif kind == "perplexity":
             perplexity.streaming_nll(self.model, ids[:6], step_fn=self.get_nll_step())
         else:
@@ -254,8 +255,10 @@ class Runtime:
         n0 = len(ids)
         if self.a.feed_long_prompts:
             n0 = min(n0, kvcache.prefill_budget(self.model) - 1)
-        x = torch.tensor([ids[:n0]], dtype=torch.long, device=self.device)
-        logits = self.prefill_logits(self.model, x, torch.arange(n0, device=self.device)).clone()
+        step = self.a.prefill_chunk or n0
+        for s in range(0, n0, step):  # --prefill_chunk: the prompt a chunk at a time
+            x = torch.tensor([ids[s:min(s + step, n0)]], dtype=torch.long, device=self.device)
+            logits = self.prefill_logits(self.model, x, torch.arange(s, s + x.shape[1], device=self.device)).clone()
         for i in range(n0, len(ids)):
             logits = self.step(ids[i], i)
         return logits
@@ -273,7 +276,7 @@ def run_generate(rt, task, sample, gen_len):
     ids = sample["ids"]
     tokens, st = gen.generate(rt.model, ids, gen_len, eos_ids=rt.eos, sampling=rt.sampling,
                               prefill_fn=rt.prefill_fn, decode_fn=rt.decode_fn,
-                              feed_long_prompts=rt.a.feed_long_prompts)
+                              feed_long_prompts=rt.a.feed_long_prompts, prefill_chunk=rt.a.prefill_chunk)
     return score_generation(rt, task, sample, tokens, st)
 
 
@@ -284,7 +287,7 @@ def run_generate_batch(rt, task, chunk, gen_len):
     batch = rt.a.batch_size
     prompts = [s["ids"] for s in chunk] + [chunk[-1]["ids"]] * (batch - len(chunk))
     tokens, st = gen.generate_batch(rt.model, prompts, gen_len, eos_ids=rt.eos, sampling=rt.sampling,
-                                    prefill_fn=rt.prefill_fn, decode_fn=rt.decode_fn)
+                                    prefill_fn=rt.prefill_fn, decode_fn=rt.decode_fn, prefill_chunk=rt.a.prefill_chunk)
     per_seq = st.pop("sequence_cache_stats")
     out = []
     for b, s in enumerate(chunk):

@@ -26,11 +26,13 @@ from tokenizer import StreamDecoder, get_tokenizer
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(), sampling=None,
-             prefill_fn=prefill, decode_fn=decode_one_token, callback=None, feed_long_prompts=False):
+             prefill_fn=prefill, decode_fn=decode_one_token, callback=None, feed_long_prompts=False,
+             prefill_chunk: int = 0):
     """Greedy / sampled decoding of one sequence. Returns (new token ids, timing dict).
 
     feed_long_prompts: a prompt longer than the smallest layer budget is prefilled up to budget - 1 tokens
     and the rest is teacher-forced through the decode step, so the policy evicts as it would while decoding.
+    prefill_chunk: the prompt is prefilled that many tokens at a time, the caches compressing after each chunk.
     """
     sampling = sampling or {}
     device = model.tok_embeddings.weight.device
@@ -40,8 +42,7 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(
     n0 = len(prompt)
     if feed_long_prompts:
         n0 = min(n0, kvcache.prefill_budget(model) - 1)
-    x = torch.tensor([prompt[:n0]], dtype=torch.long, device=device)
-    nxt = prefill_fn(model, x, torch.arange(n0, device=device), **sampling).clone()
+    nxt = prefill_chunks(model, prompt[:n0], prefill_fn, prefill_chunk, sampling)
     for i in range(n0, len(prompt)):  # teacher forcing: only the last step's prediction is kept
         cur = torch.tensor([[prompt[i]]], dtype=torch.long, device=device)
         nxt = decode_fn(model, cur, torch.tensor([i], device=device), **sampling).clone()
@@ -68,9 +69,43 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(
     }
 
 
+def prefill_chunks(model, prompt: list, prefill_fn, chunk: int, sampling: dict, row: int = None) -> torch.Tensor:
+    """The prompt into the caches, `chunk` tokens at a time (0: at once); returns prefill_fn's result for the last
+    prompt position (the first new token, or logits). With the kvzip compressor a prompt longer than the budget is
+    prefilled once with its reconstruction after it (the instruction, then the prompt again): the caches score the
+    prompt by the reconstruction's attention and keep only the prompt."""
+    device = model.tok_embeddings.weight.device
+    extension = kvzip_extension(model, len(prompt))
+    if extension is not None:
+        if chunk:
+            raise ValueError("--prefill_chunk and the kvzip compressor (which reads the whole prompt twice) exclude "
+                             "each other")
+        ids = prompt + extension + prompt
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        return prefill_fn(model, x, torch.arange(len(ids), device=device), row=row, context_len=len(prompt),
+                          **sampling).clone()
+    step = chunk or len(prompt)
+    for s in range(0, len(prompt), step):
+        x = torch.tensor([prompt[s:s + step]], dtype=torch.long, device=device)
+        nxt = prefill_fn(model, x, torch.arange(s, s + x.shape[1], device=device), row=row, **sampling).clone()
+    return nxt
+
+
+def kvzip_extension(model, prompt_len: int):
+    """The reconstruction instruction's ids when a layer compresses long prompts with kvzip and this prompt is longer
+    than that layer's budget; else None."""
+    caches = [c for layer in model.caches for c in layer.sequences() if c.prompt_compressor == "kvzip"]
+    if not caches or prompt_len <= min(c.budget for c in caches):
+        return None
+    if caches[0].kvzip_instruction is None:
+        raise ValueError("the kvzip compressor needs the tokenizer (policies.setup(..., tokenizer=...)) for its "
+                         "reconstruction instruction")
+    return caches[0].kvzip_instruction
+
+
 @torch.no_grad()
 def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, eos_ids=(), sampling=None,
-                   prefill_fn=prefill, decode_fn=decode_one_token):
+                   prefill_fn=prefill, decode_fn=decode_one_token, prefill_chunk: int = 0):
     """Decodes len(prompts) sequences together; the caches must be set up for that batch size (cache.setup).
     Each prompt is prefilled alone into its own caches (no padding), then every decode step advances all
     sequences at their own positions. A finished sequence keeps stepping (its tokens are dropped), so the
@@ -83,8 +118,7 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, eo
     for c in model.caches:
         c.reset()
     t0 = time.perf_counter()
-    first = [prefill_fn(model, torch.tensor([p], dtype=torch.long, device=device),
-                        torch.arange(len(p), device=device), row=b, **sampling).clone() for b, p in enumerate(prompts)]
+    first = [prefill_chunks(model, p, prefill_fn, prefill_chunk, sampling, row=b) for b, p in enumerate(prompts)]
     nxt = torch.cat(first, dim=0)  # [B, 1]
     tokens = [[t] for t in nxt.view(-1).tolist()]
     t_first = time.perf_counter()
@@ -133,7 +167,7 @@ def load(checkpoint_path=None, device: str = "auto", dtype="auto"):
 
 def complete(model, tokenizer, prompt, max_new_tokens: int = 200, *, chat: bool = True, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, prefill_fn=prefill, decode_fn=decode_one_token, callback=None,
-             feed_long_prompts: bool = False) -> dict:
+             feed_long_prompts: bool = False, prefill_chunk: int = 0) -> dict:
     """Decodes one sequence: prompt is text (wrapped in the model's chat template when chat and the model has one)
     or a list of token ids. The caches must be set up (policies.setup) for len(prompt) + max_new_tokens positions.
     Returns {"text", "token_ids", "prompt_token_ids", "stats"} (stats: timings and cache_stats)."""
@@ -143,7 +177,8 @@ def complete(model, tokenizer, prompt, max_new_tokens: int = 200, *, chat: bool 
     eos = set(tokenizer.eos_ids) | set(model.config.eos_ids)
     tokens, stats = generate(model, ids, max_new_tokens, eos_ids=eos,
                              sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p), prefill_fn=prefill_fn,
-                             decode_fn=decode_fn, callback=callback, feed_long_prompts=feed_long_prompts)
+                             decode_fn=decode_fn, callback=callback, feed_long_prompts=feed_long_prompts,
+                             prefill_chunk=prefill_chunk)
     stats.update(tp.reduce_stats(kvcache.cache_stats(model)))  # under torchrun: summed over the ranks' heads
     text_ids = tokens[:-1] if tokens[-1] in eos else tokens  # the stop token is not part of the text
     return {"text": tokenizer.decode(text_ids), "token_ids": tokens, "prompt_token_ids": ids, "stats": stats}
@@ -277,7 +312,7 @@ def run(a):
     else:
         compile_s = warm_up(a, lambda: generate(model, prompt, min(4, a.max_new_tokens), sampling=sampling,
                                                 prefill_fn=prefill_fn, decode_fn=decode_fn,
-                                                feed_long_prompts=a.feed_long_prompts))
+                                                feed_long_prompts=a.feed_long_prompts, prefill_chunk=a.prefill_chunk))
     records = []
     for i in range(a.num_samples):
         stream = None if a.json else TextStream(tokenizer)
@@ -292,7 +327,8 @@ def run(a):
             record = {"text": tokenizer.decode(text_ids), "token_ids": tokens, "stats": stats}
         else:
             record = complete(model, tokenizer, prompt, a.max_new_tokens, **sampling, prefill_fn=prefill_fn,
-                              decode_fn=decode_fn, callback=stream, feed_long_prompts=a.feed_long_prompts)
+                              decode_fn=decode_fn, callback=stream, feed_long_prompts=a.feed_long_prompts,
+                              prefill_chunk=a.prefill_chunk)
             del record["prompt_token_ids"]
         stats = record["stats"]
         stats.update(compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(device))
@@ -323,13 +359,14 @@ def run_batch(a, model, tokenizer, prompts, eos, sampling, device, dtype):
     """--batch_size > 1: all prompts decoded together; completions and per-sequence statistics at the end."""
     prefill_fn, decode_fn = compile_fns(device, a.compile, a.compile_prefill)
     compile_s = warm_up(a, lambda: generate_batch(model, prompts, min(4, a.max_new_tokens), sampling=sampling,
-                                                  prefill_fn=prefill_fn, decode_fn=decode_fn))
+                                                  prefill_fn=prefill_fn, decode_fn=decode_fn,
+                                                  prefill_chunk=a.prefill_chunk))
     records = []
     for i in range(a.num_samples):
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         tokens, stats = generate_batch(model, prompts, a.max_new_tokens, eos_ids=eos, sampling=sampling,
-                                       prefill_fn=prefill_fn, decode_fn=decode_fn)
+                                       prefill_fn=prefill_fn, decode_fn=decode_fn, prefill_chunk=a.prefill_chunk)
         per_seq = [tp.reduce_stats(s) for s in stats.pop("sequence_cache_stats")]  # torchrun: all ranks' heads
         stats.update(compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(device),
                      kv_cache_bytes=tp.reduce_stats(kvcache.cache_stats(model))["kv_cache_bytes"])

@@ -164,7 +164,7 @@ class HybridCache(KVCache):
     # -- prefill -------------------------------------------------------------------------------------------
     def observe_prompt_attention(self, start, probs):
         """Column sums of the prompt's attention (each key's total from the later queries), chunk by chunk."""
-        col = probs.sum(2)
+        col = probs.mean(2).sum(2)  # mean over the KV head's query heads, sum over the queries
         self._columns = col if start == 0 else self._columns + col
 
     def prompt_keep(self, k, q, v):

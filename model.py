@@ -183,7 +183,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.kv_cache = None  # set by Transformer.setup_caches
 
-    def forward(self, x: Tensor, input_pos: Tensor, prefill: bool, row=None) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, prefill: bool, row=None, context_len=None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -191,9 +191,10 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
         # The cache positions q and k (RoPE), attends, and keeps what its policy keeps: the prompt (prefill; row: one
-        # sequence of a batch of caches) or T >= 1 new tokens (decode).
+        # sequence of a batch of caches; context_len: the prompt's length when a scoring extension follows it) or
+        # T >= 1 new tokens (decode).
         if prefill:
-            y = self.kv_cache.prefill(input_pos, k, v, q, row=row)
+            y = self.kv_cache.prefill(input_pos, k, v, q, row=row, context_len=context_len)
         else:
             y = self.kv_cache.decode(input_pos, k, v, q)
         y = y.transpose(1, 2).reshape(B, T, q_size)
@@ -219,8 +220,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, input_pos, prefill, row=None):
-        h = x + self.attention(self.attention_norm(x), input_pos, prefill, row)
+    def forward(self, x, input_pos, prefill, row=None, context_len=None):
+        h = x + self.attention(self.attention_norm(x), input_pos, prefill, row, context_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -250,15 +251,17 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = cache = make_cache(i)
             cache.set_rope(cos, sin)
 
-    def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False, row: int = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False, row: int = None,
+                context_len: int = None) -> Tensor:
         """idx [B, T] token ids at positions input_pos: [T] shared by the batch, or [B, T] per sequence (batched
         decoding of prompts of different lengths). row: prefill one sequence (idx [1, T]) of a batch of caches
-        (cache.SequenceBatch). Returns logits [B, T, vocab] in fp32."""
+        (cache.SequenceBatch). context_len (prefill): the first context_len tokens are the prompt, the rest a scoring
+        extension the caches read but do not keep (KVzip). Returns logits [B, T, vocab] in fp32."""
         for cache in self.caches:
             cache.set_tokens(idx, prefill, row)  # token ids, for policies that look at them (FastGen's classes)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, input_pos, prefill, row)
+            x = layer(x, input_pos, prefill, row, context_len)
         return self.output(self.norm(x)).float()
 
     @property

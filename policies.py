@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from cache import (CACHE_PARAMS, ExpectedAttentionCache, FullCache, HeavyHitterCache, KeepItOddCache, KeyDiffCache,
-                   L2Cache, LSHCache, Param, RandomCache, RecentGlobalCache, SequenceBatch, SinkRecentCache, TOVACache)
+from cache import (CACHE_PARAMS, KVZIP_INSTRUCTION, KVZIP_MAX_INSTRUCTION, ExpectedAttentionCache, FullCache,
+                   HeavyHitterCache, KeepItOddCache, KeyDiffCache, L2Cache, LSHCache, Param, RandomCache,
+                   RecentGlobalCache, SequenceBatch, SinkRecentCache, TOVACache)
 from cli import one_line_errors
 from hybrid import HybridCache, token_class_tables
 from lacache import LaCache
@@ -57,6 +58,9 @@ SETUP_OPTIONS = {
                                         "average / beta", min=1), None),
     "feed_long_prompts": (Param(bool, False, "prefill budget-1 prompt tokens, then feed the rest through the decode "
                                              "step"), None),
+    "prefill_chunk": (Param(int, 0, "prefill the prompt N tokens at a time, compressing the caches after each chunk "
+                                    "(the cache never holds more than its budget; 0: the whole prompt at once)", min=0),
+                      None),
 }
 
 
@@ -253,9 +257,9 @@ def build_caches(cfg: dict, n_layers: int, n_kv_heads: int, head_dim: int, batch
     for s in set(strategies):
         if s not in POLICIES:
             raise ValueError(f"unknown --cache_strategy {s!r}; allowed: {', '.join(POLICIES)}")
-    if cfg["prompt_compression_strategy"] is not None and cfg["feed_long_prompts"]:
-        raise ValueError("--prompt_compression_strategy and --feed_long_prompts are two ways to handle long "
-                         "prompts; choose one")
+    if cfg["feed_long_prompts"] and (cfg["prompt_compression_strategy"] is not None or cfg["prefill_chunk"]):
+        raise ValueError("--feed_long_prompts feeds a long prompt through the decode step; it excludes "
+                         "--prompt_compression_strategy and --prefill_chunk")
     budgets = layer_budgets(cfg, n_layers, max_seq_length)
     engine = {name: cfg[name] for name in CACHE_PARAMS}
     caches = []
@@ -291,6 +295,10 @@ def install(model, caches: list, max_seq_length: int, tokenizer=None):
                 seq.set_output_projection(dense_weight(layer.attention.wo))
             if sharded:
                 seq.set_head_group(sharded["group"], sharded["world"])
+    if tokenizer is not None:
+        instruction = tokenizer.encode(KVZIP_INSTRUCTION)[:KVZIP_MAX_INSTRUCTION]
+        for c in every:
+            c.kvzip_instruction = instruction
     token_caches = [c for c in every if c.needs_tokens]
     if token_caches and tokenizer is not None:
         w = model.tok_embeddings.weight

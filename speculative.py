@@ -331,8 +331,8 @@ def check_args(a, batch: int) -> int:
     if batch > 1:
         raise ValueError("speculative decoding (--draft_checkpoint_path) decodes one sequence: give one prompt "
                          "and --batch_size 1")
-    if a.feed_long_prompts:
-        raise ValueError("--feed_long_prompts is not supported with --draft_checkpoint_path")
+    if a.feed_long_prompts or a.prefill_chunk:
+        raise ValueError("--feed_long_prompts and --prefill_chunk are not supported with --draft_checkpoint_path")
     return k
 
 

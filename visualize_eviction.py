@@ -146,7 +146,8 @@ def run(a):
     torch.manual_seed(a.seed)
     policies.setup(model, a, batch_size=1, prompt_len=len(ids), max_seq_length=max_seq_length, tokenizer=tokenizer)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_ids)
-    tokens, _ = gen.generate(model, ids, a.max_new_tokens, eos_ids=eos, feed_long_prompts=a.feed_long_prompts)
+    tokens, _ = gen.generate(model, ids, a.max_new_tokens, eos_ids=eos, feed_long_prompts=a.feed_long_prompts,
+                             prefill_chunk=a.prefill_chunk)
     seen = int(model.caches[0].seen)
     kept, labels = kept_matrix(model, seen, a.per_head)
     sink, recent_start = boundaries(model.caches[0], seen)
