@@ -943,6 +943,15 @@ class SinkRecentCache(KVCache):
         "block_n": Param(int, 128, "sink_recent: block size of the middle selection", min=1),
     }
 
+    size_flags = ("sink_tokens", "recent_tokens", "middle_strategy", "middle_budget_tokens", "uniform_stride")
+
+    @classmethod
+    def size_for_budget(cls, budget: int) -> dict:
+        """Without its own size flags, a budget of B slots (--max_cache_length / --compression_ratio) becomes
+        min(256, B // 4) sinks and the rest recent tokens (no middle), so one budget flag compares every policy."""
+        sink = min(cls.hyperparams["sink_tokens"].default, budget // 4)
+        return {"sink_tokens": sink, "recent_tokens": max(1, budget - sink), "middle_strategy": "none"}
+
     @classmethod
     def sized_budget(cls, prompt_len: int, max_seq_length: int, hp: dict) -> int:
         """sink + recent + middle cap (the budget flags of this policy replace --max_cache_length)."""
@@ -1401,13 +1410,18 @@ def prefill_budget(model) -> int:
 
 def cache_stats(model, row: int = None) -> dict:
     """Statistics of the caches (with a batch: of sequence `row`, or per sequence under "sequences" with the
-    totals of the whole batch's buffers)."""
+    totals of the whole batch's buffers). Three byte counts that mean different things:
+      kv_cache_bytes       the buffers allocated (K/V at their slots, positions, per-slot policy state)
+      kept_kv_bytes        what the kept tokens' K/V occupy in those buffers
+      full_kv_cache_bytes  what a full cache of the same tokens would take (K/V in the model's dtype)
+    kv_budget_slots: slots per KV head, the mean over layers."""
     if len(model.caches[0].sequences()) > 1 and row is None:
         per_seq = [cache_stats(model, b) for b in range(batch_size(model))]
-        total = {k: sum(s[k] for s in per_seq) for k in ("kv_cache_bytes", "full_kv_cache_bytes")}
+        total = {k: sum(s[k] for s in per_seq) for k in ("kv_cache_bytes", "kept_kv_bytes", "full_kv_cache_bytes")}
         kept, seen = sum(s["kept_tokens"] for s in per_seq), sum(s["seen_tokens"] for s in per_seq)
         return {"batch_size": len(per_seq), "seen_tokens": seen, "kept_tokens": kept,
-                "compression_ratio": kept / seen if seen else 1.0, **total, "sequences": per_seq}
+                "compression_ratio": kept / seen if seen else 1.0, **total,
+                "kv_budget_slots": per_seq[0]["kv_budget_slots"], "sequences": per_seq}
     caches = model.caches if row is None else sequence_caches(model, row)
     seen = int(caches[0].seen)
     b, h, _ = caches[0].pos.shape
@@ -1415,8 +1429,10 @@ def cache_stats(model, row: int = None) -> dict:
     layers = []
     for i, c in enumerate(caches):
         kept = c.kept() / (b * h)
+        slot_bytes = sum(t.numel() * t.element_size() for t in c.store.buffers()) / c.pos.numel()
         layer = {"layer": i, "policy": type(c).__name__, "kv_budget": c.kv_budget, "kept_tokens": kept,
-                 "compression_ratio": kept / seen if seen else 1.0, "kv_cache_bytes": c.nbytes()}
+                 "compression_ratio": kept / seen if seen else 1.0, "kv_cache_bytes": c.nbytes(),
+                 "kept_kv_bytes": int(c.kept() * slot_bytes)}
         if c.loss_meter is not None:
             layer["attention_loss"] = c.loss_meter.value()
         layers.append(layer)
@@ -1426,7 +1442,9 @@ def cache_stats(model, row: int = None) -> dict:
         "seen_tokens": seen,
         "kept_tokens": kept,
         "compression_ratio": kept / seen if seen else 1.0,
+        "kv_budget_slots": sum(x["kv_budget"] for x in layers) / len(layers),
         "kv_cache_bytes": sum(x["kv_cache_bytes"] for x in layers),
+        "kept_kv_bytes": sum(x["kept_kv_bytes"] for x in layers),
         "full_kv_cache_bytes": 2 * len(caches) * b * h * seen * d * elem,
         "layers": layers,
     }

@@ -5,12 +5,12 @@
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 import cache as kvcache
 import cli
@@ -18,6 +18,7 @@ import policies
 import quantize
 import speculative
 import tp
+from cache import Param
 from cli import UserError
 from model import Transformer
 from runtime import compile_fns, decode_one_token, peak_memory_bytes, prefill, synchronize
@@ -187,33 +188,24 @@ def complete(model, tokenizer, prompt, max_new_tokens: int = 200, *, chat: bool 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
-def read_prompt(prompt: str) -> str:
-    if prompt.endswith(".txt") or os.path.sep in prompt and not prompt.strip().count(" "):
-        path = Path(prompt)
-        try:
-            return path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read prompt file {prompt}: {e.strerror if isinstance(e, OSError) else e}")
-    return prompt
+def read_prompt_file(path) -> str:
+    """The text of a --prompt_file (UTF-8)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompt file {path}: {e.strerror if isinstance(e, OSError) else e}")
 
 
-def encode_prompt(tokenizer, text: str, chat: bool, chat_format) -> list:
+def encode_prompt(tokenizer, text: str, chat: bool, chat_format, allow_special: bool = False) -> list:
+    """Token ids of a user prompt: wrapped in the model's chat template when chat and the model has one. The text
+    stays text: special-token strings in it (e.g. <|im_end|>) are encoded as ordinary characters unless
+    allow_special, so a prompt cannot open or close a chat turn."""
+    if not text.strip():
+        raise UserError("the prompt is empty")
     if chat and chat_format:
-        return tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
-    return tokenizer.encode(text)
-
-
-def check_sampling(a):
-    if a.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
-    if a.top_k < 0:
-        raise UserError(f"--top_k must be >= 0 (0 = off), got {a.top_k}")
-    if not 0 < a.top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1], got {a.top_p}")
-    if a.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
-    if a.num_samples < 1:
-        raise UserError(f"--num_samples must be >= 1, got {a.num_samples}")
+        return tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True,
+                                     allow_special=allow_special)
+    return tokenizer.encode(text, allow_special=allow_special)
 
 
 class TextStream:
@@ -230,49 +222,77 @@ class TextStream:
         self.out.write(self.decoder.flush())
 
 
-def main(argv=None):
-    tp.quiet_other_ranks()  # under torchrun only rank 0 prints (tp.py)
+GENERATION_PARAMS = {  # checked when parsed (policies.add_param_flag), like the cache options
+    "batch_size": Param(int, None, "sequences decoded together (default: the number of prompts; the prompts repeat "
+                                   "to fill it)", min=1),
+    "max_new_tokens": Param(int, 200, "most new tokens per sequence (a stop token ends it earlier)", min=1),
+    "max_seq_length": Param(int, None, "longest sequence the caches are sized for (default: the longest prompt + "
+                                       "max_new_tokens; at most the model's context)", min=1),
+    "num_samples": Param(int, 1, "completions of the same prompt(s), one after the other (different when sampling)",
+                         min=1),
+    "temperature": Param(float, 0.0, "0 = greedy (default)", min=0),
+    "top_k": Param(int, 0, "sample from the k most likely tokens only (0 = off)", min=0),
+    "top_p": Param(float, 1.0, "sample from the smallest set of tokens whose probability reaches p (1 = off)",
+                   above=0, max=1),
+    "speculate_k": Param(int, None, "speculative decoding: draft tokens verified per target forward (default 4)",
+                         min=1),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", nargs="+", default=["Hello, my name is"],
-                   help="the prompt text, or a .txt file to read it from; several prompts are decoded as a batch")
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="sequences decoded together (default: the number of prompts; the prompts repeat to fill it)")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--max_seq_length", type=int, default=None,
-                   help="longest sequence the run may reach (default: prompt + max_new_tokens)")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top_k", type=int, default=0, help="0 = off")
-    p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", nargs="+", default=None,
+                   help="the prompt text (always text; for a file use --prompt_file); several prompts are decoded as "
+                        "a batch (default: 'Hello, my name is')")
+    p.add_argument("--prompt_file", nargs="+", type=Path, default=None,
+                   help="read the prompt(s) from UTF-8 text file(s) instead of --prompt")
+    for name, param in GENERATION_PARAMS.items():
+        policies.add_param_flag(p, name, param, param.default)
+    p.add_argument("--seed", type=int, default=None, help="random seed (sampling; default: a fresh one)")
     p.add_argument("--no_chat", action="store_true", help="send the raw prompt, without the chat template")
+    p.add_argument("--allow_special_tokens", action="store_true",
+                   help="parse special-token strings in the prompt (e.g. <|im_end|>) into their control tokens "
+                        "(default: the prompt stays text)")
     p.add_argument("--json", action="store_true", help="print one JSON record (text, ids, statistics) instead")
+    p.add_argument("--quiet", action="store_true", help="no progress or statistics on stderr (errors still)")
     cli.add_model_args(p)
     p.add_argument("--draft_checkpoint_path", type=Path, default=None,
                    help="speculative decoding: a draft model (model.pth or its folder; the target's vocabulary), "
                         "given the same cache flags as the target")
-    p.add_argument("--speculate_k", type=int, default=None,
-                   help="speculative decoding: draft tokens verified per target forward (default 4)")
     policies.add_cache_args(p)
+    return p
+
+
+def main(argv=None):
+    tp.quiet_other_ranks()  # under torchrun only rank 0 prints (tp.py)
+    p = build_parser()
     cli.run_main(lambda: run(policies.parse_args(p, argv)))
 
 
+def note(a, text: str):
+    """A progress or hint line on stderr (none under --json / --quiet)."""
+    if not (a.json or a.quiet):
+        print(text, file=sys.stderr, flush=True)
+
+
 def run(a):
-    check_sampling(a)
+    if a.prompt is not None and a.prompt_file is not None:
+        raise UserError("give the prompt as --prompt TEXT or --prompt_file PATH, not both")
+    texts = [read_prompt_file(f) for f in a.prompt_file] if a.prompt_file else a.prompt or ["Hello, my name is"]
+    for t in texts:
+        if not t.strip():
+            raise UserError("the prompt is empty")
     device = cli.resolve_device(a.device)
     dtype = cli.resolve_dtype(a.dtype, device)
     weights = cli.resolve_checkpoint(a.checkpoint_path)
-    texts = [read_prompt(x) for x in a.prompt]
     batch = a.batch_size or len(texts)
-    if a.batch_size is not None and a.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {a.batch_size}")
     if batch < len(texts):
         raise UserError(f"{len(texts)} prompts do not fit --batch_size {batch} (give at most {batch} prompts)")
     if batch > 1 and a.feed_long_prompts:
         raise UserError("--feed_long_prompts decodes one sequence; use it with --batch_size 1")
     speculate = a.draft_checkpoint_path is not None or a.speculate_k is not None
     if speculate:  # speculative decoding (speculative.py): flags checked before anything is loaded
-        k = speculative.check_args(a, batch)
+        k = speculative.check_args(a, batch, device)
         draft_weights = cli.resolve_checkpoint(a.draft_checkpoint_path)
     # torchrun --nproc_per_node K: tensor parallelism (tp.py). Each rank holds 1/K of the heads and of the MLP, on
     # cuda:LOCAL_RANK (or cpu); ranks > 0 print nothing; the same seed on every rank keeps sampling in step.
@@ -284,12 +304,13 @@ def run(a):
     tokenizer = get_tokenizer(weights.parent)
     model = tp.load_sharded(weights, dist, dtype) if dist else quantize.load_model(weights, device, dtype)
     cfg = model.config
-    prompts = [encode_prompt(tokenizer, texts[i % len(texts)], not a.no_chat, cfg.chat_format) for i in range(batch)]
-    if not all(prompts):
-        raise UserError("the prompt is empty")
+    prompts = [encode_prompt(tokenizer, texts[i % len(texts)], not a.no_chat, cfg.chat_format, a.allow_special_tokens)
+               for i in range(batch)]
     prompt = max(prompts, key=len)  # the longest sizes the caches
     if len(prompt) >= cfg.block_size:
         raise UserError(f"prompt of {len(prompt)} tokens does not fit the model's context of {cfg.block_size}")
+    if a.max_seq_length is not None and a.max_seq_length > cfg.block_size:
+        raise UserError(f"--max_seq_length {a.max_seq_length} exceeds the model's context of {cfg.block_size} tokens")
     max_seq_length = a.max_seq_length or min(len(prompt) + a.max_new_tokens, cfg.block_size)
     if len(prompt) + a.max_new_tokens > max_seq_length:
         raise UserError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({a.max_new_tokens}) exceeds "
@@ -298,6 +319,11 @@ def run(a):
         torch.manual_seed(a.seed)
     policies.setup(model, a, batch_size=batch, prompt_len=len(prompt), max_seq_length=max_seq_length,
                    tokenizer=tokenizer)
+    if a.compile and not device.startswith("cuda") and a.max_new_tokens * a.num_samples < 1000:
+        note(a, f"note: on a CPU the compiled decode step is ~1.2-1.4x faster than eager but takes about a minute to "
+                f"compile; for {a.max_new_tokens * a.num_samples} new tokens it does not pay off (drop --compile)")
+    if len(prompt) >= 2048:
+        note(a, f"prefilling {len(prompt)} prompt tokens ...")
     if speculate:
         draft = speculative.load_draft(draft_weights, model, a, tokenizer, device, dtype, len(prompt), max_seq_length)
         spec_fns = speculative.compile_fns(device, a.compile)
@@ -336,7 +362,8 @@ def run(a):
         if stream:
             stream.close()
             print("\n", file=sys.stdout, flush=True)
-            print(format_stats(stats, i, a.num_samples), file=sys.stderr)
+            if not a.quiet:
+                print(format_stats(stats, i, a.num_samples), file=sys.stderr)
     if a.json:
         out = records[0] if a.num_samples == 1 else {"samples": records}
         print(json.dumps({**out, "prompt_token_ids": prompt, "device": device, "dtype": str(dtype).split(".")[-1],
@@ -348,11 +375,16 @@ def warm_up(a, run_once) -> float:
     reported apart from decode speed; returns its seconds (0 when nothing is compiled)."""
     if not (a.compile or a.compile_prefill):
         return 0.0
+    note(a, "compiling: one short warm-up run (a first compile takes about a minute on a CPU; a compile of the same "
+            "configuration found in torch's cache takes seconds) ...")
+    graphs = counters["stats"]["unique_graphs"]
     t = time.perf_counter()
     run_once()
     if a.seed is not None:  # the timed run samples as if the warm-up had not happened
         torch.manual_seed(a.seed)
-    return time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    note(a, f"compiled {counters['stats']['unique_graphs'] - graphs} graph(s) in {seconds:.1f} s")
+    return seconds
 
 
 def run_batch(a, model, tokenizer, prompts, eos, sampling, device, dtype):
@@ -395,13 +427,19 @@ def run_batch(a, model, tokenizer, prompts, eos, sampling, device, dtype):
 
 def format_stats(s: dict, i: int, n: int) -> str:
     head = f"[sample {i + 1}/{n}] " if n > 1 else ""
+    mib = 2 ** 20
+    budget, seen = s["kv_budget_slots"], s["seen_tokens"]
+    share = f", {100 * budget / s['prompt_tokens']:.0f}% of the prompt" if s.get("prompt_tokens") else ""
     lines = [
         f"{head}prompt tokens: {s['prompt_tokens']}, new tokens: {s['new_tokens']}",
         f"time to first token: {s['time_to_first_token_s'] * 1000:.1f} ms; decode: {s['decode_tokens_per_s']:.2f} tokens/s"
-        + (f" (compile warm-up {s['compile_s']:.1f} s, excluded)" if s["compile_s"] else ""),
-        f"peak memory: {s['peak_memory_bytes'] / 2**20:.1f} MiB; KV cache: {s['kv_cache_bytes'] / 2**20:.2f} MiB "
-        f"(full cache would be {s['full_kv_cache_bytes'] / 2**20:.2f} MiB); "
-        f"kept {s['kept_tokens']:.0f}/{s['seen_tokens']} tokens per layer ({100 * s['compression_ratio']:.1f}%)",
+        + (f" (compile warm-up {s['compile_s']:.1f} s, excluded)" if s["compile_s"] else "")
+        + f"; peak memory: {s['peak_memory_bytes'] / mib:.1f} MiB",
+        f"KV cache: kept {s['kept_tokens']:.0f} of {seen} tokens per layer ({100 * s['compression_ratio']:.1f}%); "
+        f"budget {budget:.0f} slots per layer{share}"
+        + (" - not smaller than the tokens seen: nothing was evicted" if budget >= seen else ""),
+        f"KV bytes: {s['kv_cache_bytes'] / mib:.2f} MiB allocated, {s['kept_kv_bytes'] / mib:.2f} MiB held by the kept "
+        f"tokens, {s['full_kv_cache_bytes'] / mib:.2f} MiB for a full cache of the same tokens",
     ]
     if "attention_loss" in s:
         lines.append(f"attention mass on evicted tokens (vs a shadow full cache): {s['attention_loss']:.4f}")

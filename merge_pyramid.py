@@ -94,6 +94,15 @@ class MergePyramidCache(KVCache):
         """The hyper-parameters with defaults filled in, validated (one clear ValueError per mistake)."""
         return check_params(cls.hyperparams, {k: v for k, v in hp.items() if v is not None}, cls.__name__)
 
+    size_flags = ("initial_local_window", "sink_tokens", "skip_prefill_compression")
+
+    @classmethod
+    def size_for_budget(cls, budget: int) -> dict:
+        """Without its own size flags, a budget of B slots (--max_cache_length / --compression_ratio) sets the window
+        so that layer 0's buffer, sinks + 2 W0 + 2, fits in B (the other layers' windows are no larger)."""
+        sinks = cls.hyperparams["sink_tokens"].default
+        return {"initial_local_window": max(1, (budget - sinks - 2) // 2)}
+
     @classmethod
     def sized_budget(cls, prompt_len: int, max_seq_length: int, hp: dict) -> int:
         """Called by build_caches before the layers are built; each layer then sizes its own buffer (see the

@@ -51,6 +51,9 @@ SETUP_OPTIONS = {
     "cache_strategy_pattern": (Param(str, "tile", "how several strategies are laid over the layers: tile a..ab..b, "
                                                   "repeat abab", choices=("tile", "repeat")), None),
     "max_cache_length": ([1.0], "slots per layer: a fraction (<= 1) of prompt + max_new_tokens, or a token count"),
+    "compression_ratio": (Param(float, None, "kvpress's budget: the fraction of the PROMPT removed, so each layer keeps "
+                                             "int(prompt tokens x (1 - ratio)) slots (eval.py: of --seq_length); "
+                                             "replaces --max_cache_length", min=0, max=0.999), None),
     "cache_length_pattern": (Param(str, "tile", "how several lengths are laid over the layers; pyramid/funnel: "
                                                 "PyramidKV's linear schedule",
                                    choices=("tile", "repeat", "pyramid", "funnel")), None),
@@ -126,8 +129,8 @@ def add_cache_args(p: argparse.ArgumentParser):
 
 def add_param_flag(g, name: str, param: Param, default, help_default: bool = False):
     help_ = param.help + (f" (default {param.default})" if help_default and param.type is not bool else "")
-    if param.type is bool:
-        g.add_argument(f"--{name}", action="store_const", const=True, default=default, help=help_)
+    if param.type is bool:  # --name / --no-name, so a default of True can be turned off
+        g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help_)
         return
 
     def parse(text):
@@ -222,15 +225,21 @@ def layer_pattern(values: list, n_layers: int, pattern: str, what: str) -> list:
     return [values[i // per] for i in range(n_layers)]
 
 
-def layer_budgets(cfg: dict, n_layers: int, max_seq_length: int) -> list:
-    """Slots per layer from max_cache_length and cache_length_pattern, each capped at max_seq_length."""
+def layer_budgets(cfg: dict, n_layers: int, max_seq_length: int, prompt_len: int = 0) -> list:
+    """Slots per layer from max_cache_length (or compression_ratio and the prompt length) and cache_length_pattern,
+    each capped at max_seq_length."""
     def tokens(x):
         return int(round(x * max_seq_length)) if x <= 1 else int(x)
 
-    for x in cfg["max_cache_length"]:
-        if budget_problem(x):
-            raise ValueError(f"--max_cache_length {budget_problem(x)}")
-    lengths = [tokens(x) for x in cfg["max_cache_length"]]
+    if cfg["compression_ratio"] is not None:
+        if prompt_len < 1:
+            raise ValueError("--compression_ratio is a share of the prompt: the prompt length must be known")
+        lengths = [max(1, int(prompt_len * (1 - cfg["compression_ratio"])))]
+    else:
+        for x in cfg["max_cache_length"]:
+            if budget_problem(x):
+                raise ValueError(f"--max_cache_length {budget_problem(x)}")
+        lengths = [tokens(x) for x in cfg["max_cache_length"]]
     if any(x < 1 for x in lengths):
         raise ValueError(f"--max_cache_length {cfg['max_cache_length']} gives an empty cache")
     pattern = cfg["cache_length_pattern"]
@@ -260,7 +269,8 @@ def build_caches(cfg: dict, n_layers: int, n_kv_heads: int, head_dim: int, batch
     if cfg["feed_long_prompts"] and (cfg["prompt_compression_strategy"] is not None or cfg["prefill_chunk"]):
         raise ValueError("--feed_long_prompts feeds a long prompt through the decode step; it excludes "
                          "--prompt_compression_strategy and --prefill_chunk")
-    budgets = layer_budgets(cfg, n_layers, max_seq_length)
+    budgets = layer_budgets(cfg, n_layers, max_seq_length, prompt_len)
+    budget_given = cfg["compression_ratio"] is not None or cfg["max_cache_length"] != [1.0]
     engine = {name: cfg[name] for name in CACHE_PARAMS}
     caches = []
     for i, (strategy, budget) in enumerate(zip(strategies, budgets)):
@@ -269,6 +279,8 @@ def build_caches(cfg: dict, n_layers: int, n_kv_heads: int, head_dim: int, batch
         if cls is FullCache:
             budget = max_seq_length
         elif hasattr(cls, "sized_budget"):  # policies whose own flags set the budget
+            if budget_given and not any(n in hp for n in cls.size_flags):  # one budget flag for every policy
+                hp.update(cls.size_for_budget(budget))
             budget = cls.sized_budget(prompt_len, max_seq_length,
                                       {n: hp.get(n, p.default) for n, p in cls.hyperparams.items()})
         elif budget < max_seq_length and budget < cfg["global_tokens"] + cfg["recent_window"] + 1:

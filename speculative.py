@@ -318,13 +318,20 @@ def warm_up(target, draft, prompt: list, max_new_tokens: int, k: int, *, samplin
 # ---------------------------------------------------------------------------------------------------------------
 # generate.py's flags (ValueError: generate.main reports it as one "error:" line, exit 2)
 # ---------------------------------------------------------------------------------------------------------------
-def check_args(a, batch: int) -> int:
+def check_args(a, batch: int, device: str = "cpu") -> int:
     """Validates --draft_checkpoint_path / --speculate_k before anything is loaded; returns k."""
     if a.draft_checkpoint_path is None:
         raise ValueError("--speculate_k needs a draft model: give --draft_checkpoint_path")
     k = DEFAULT_K if a.speculate_k is None else a.speculate_k
     if k < 1:
         raise ValueError(f"--speculate_k must be >= 1, got {k}")
+    if k >= a.max_new_tokens:
+        raise ValueError(f"--speculate_k {k} must be smaller than --max_new_tokens ({a.max_new_tokens}): no round of "
+                         "k drafts would fit, every token would be a plain target step")
+    if a.compile and not str(device).startswith("cuda"):
+        raise ValueError(f"--compile with speculative decoding compiles {sum(len(v) for v in graph_lengths(k).values())}"
+                         f" graphs of both models (about a minute each on a CPU); run it without --compile on a CPU, "
+                         "where it does not speed decoding up anyway (see README)")
     if a.compile and k > MAX_COMPILED_K:
         raise ValueError(f"--speculate_k {k} with --compile: at most {MAX_COMPILED_K} (one compiled graph per "
                          "replay length, within torch.compile's recompile limit)")

@@ -94,6 +94,9 @@ def layer_groups():
         ("plain", everything, {}),
         ("position_cache", [s for s in SCORED if s in policies.POLICIES], {"position_mode": "cache"}),
         ("debug", debug, {"debug_attention_loss": True}),
+        ("adakv", ["l2", "heavy_hitter"], {"keep_set": "adakv"}),  # the layer-wide eviction of adakv_slot
+        ("criticalkv", ["keydiff", "expected_attention"], {"keep_set": "criticalkv"}),  # per-slot value norms
+        ("int8", ["keydiff", "tova", "expected_attention"], {"cache_bits": 8}),  # scores read dequantized keys
     ]
 
 

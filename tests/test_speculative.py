@@ -373,14 +373,15 @@ def cli_error_line(capsys, *argv) -> str:
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["--speculate_k", "0", "--draft_checkpoint_path", "{draft}"], "--speculate_k must be >= 1"),
+    (["--speculate_k", "0", "--draft_checkpoint_path", "{draft}"], "--speculate_k: must be >= 1"),
     (["--speculate_k", "3"], "--draft_checkpoint_path"),
-    (["--speculate_k", "9", "--compile", "--draft_checkpoint_path", "{draft}"], "at most 8"),
+    (["--speculate_k", "8", "--draft_checkpoint_path", "{draft}"], "smaller than --max_new_tokens"),
+    (["--speculate_k", "2", "--compile", "--draft_checkpoint_path", "{draft}"], "without --compile on a CPU"),
     (["--batch_size", "2", "--draft_checkpoint_path", "{draft}"], "--batch_size 1"),
     (["--feed_long_prompts", "--draft_checkpoint_path", "{draft}"], "--feed_long_prompts"),
     (["--draft_checkpoint_path", "{missing}"], "not found"),
     (["--draft_checkpoint_path", "{other_vocab}"], "vocabulary (1000 tokens"),
-], ids=["k0", "no_draft", "k_compile", "batch", "feed_long", "missing", "vocab"])
+], ids=["k0", "no_draft", "k_too_big", "compile_cpu", "batch", "feed_long", "missing", "vocab"])
 def test_bad_speculative_flags(capsys, tmp_path, tiny_draft_dir, argv, expect):
     other = tmp_path / "other"
     other.mkdir()
@@ -388,7 +389,7 @@ def test_bad_speculative_flags(capsys, tmp_path, tiny_draft_dir, argv, expect):
     (other / "model.pth").write_bytes(b"")  # the vocabulary is checked before the weights are read
     paths = dict(draft=tiny_draft_dir, missing=tmp_path / "nowhere" / "model.pth", other_vocab=other)
     argv = [x.format(**paths) for x in argv]
-    assert expect in cli_error_line(capsys, "--prompt", "hi", "--max_new_tokens", 4, *argv)
+    assert expect in cli_error_line(capsys, "--prompt", "hi", "--max_new_tokens", 8, *argv)
 
 
 def test_bad_flag_exit_status_in_a_subprocess():
