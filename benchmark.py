@@ -23,17 +23,26 @@ bytes moves 2N: read + write; the larger of the two medians is used, so the rati
 
 Outputs: --out PREFIX writes PREFIX.json (every run's numbers and the environment) and PREFIX.md (the table).
 --profile DIR writes a torch.profiler chrome trace (and a top-ops table) of one generation per configuration.
+Both are written atomically (a temporary file, then a rename), and their folder is checked for writing before
+the sweep starts. Context length + new tokens must fit the model's context window (block_size).
 """
+import os
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch: the one line cli.run_main gives later
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+
 import argparse
 import copy
 import datetime
 import gc
 import json
-import os
 import platform
+import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -544,7 +553,7 @@ def profile_run(ours, runners, prompt, new, folder: Path, label: str, device: st
         path = folder / f"trace_{stem}_{name.replace('+', '_')}.json"
         prof.export_chrome_trace(str(path))
         sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
-        (path.with_suffix(".txt")).write_text(prof.key_averages().table(sort_by=sort, row_limit=25))
+        cli.atomic_write_text(path.with_suffix(".txt"), prof.key_averages().table(sort_by=sort, row_limit=25))
         written.append(str(path))
     return written
 
@@ -600,6 +609,8 @@ def run(a, argv):
     dtype = cli.resolve_dtype(a.dtype, device)
     check_args(a, device)
     models = Models(a, device, dtype)
+    check_context(a, models.args)
+    js, mdp = output_paths(a)
     validate_configurations(a, models.args)
     tuning = a.inductor_tuning == "on" or (a.inductor_tuning == "auto" and device.startswith("cuda"))
     if tuning:
@@ -636,14 +647,33 @@ def run(a, argv):
         "bandwidth_note": "achieved = (weight + KV-cache bytes read per decode token) x decode tokens/s; copy "
                           "bandwidth counts read + write (2 bytes per byte copied)",
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    js, mdp = Path(f"{out}.json"), Path(f"{out}.md")
-    js.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    cli.atomic_write_text(js, json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     md = markdown(meta, results)
-    mdp.write_text(md)
-    print(md)
+    cli.atomic_write_text(mdp, md)
+    print(md, flush=True)  # flushed here: a closed pipe is reported by cli.run_main, not at exit
     print(f"wrote {js} and {mdp}", file=sys.stderr)
+
+
+def check_context(a, cfg: ModelArgs):
+    """Every context length + new tokens fits the model's window: positions past it were never trained, and a
+    sweep there runs for minutes to measure a model outside its range. One line before any work."""
+    longest = max(a.context_lengths) + a.max_new_tokens
+    if longest > cfg.block_size:
+        raise UserError(f"--context_lengths {max(a.context_lengths)} + --max_new_tokens {a.max_new_tokens} = "
+                        f"{longest} exceeds the model's context of {cfg.block_size} tokens")
+
+
+def output_paths(a) -> tuple:
+    """OUT.json and OUT.md, checked before the sweep: their folder can be written, neither is a folder."""
+    out = Path(a.out)
+    js, mdp = Path(f"{out}.json"), Path(f"{out}.md")
+    for p in (js, mdp):
+        if p.is_dir():
+            raise UserError(f"--out {out}: {p} is a folder")
+    cli.check_writable(js.parent, "--out")
+    if a.profile is not None:
+        cli.check_writable(a.profile, "--profile")
+    return js, mdp
 
 
 def build_hf_model_for(model, a, fmt):
@@ -656,4 +686,5 @@ def build_hf_model_for(model, a, fmt):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, cli.run_main reports Ctrl-C
     main()

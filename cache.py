@@ -399,9 +399,10 @@ class KVCache(nn.Module):
         return streamed_prompt_attention(q, k, v, self.observe_prompt_attention)
 
     def observe_prompt_attention(self, start: int, probs: Tensor):
-        """probs [B, Hkv, G, c, T]: the causal attention of prompt queries start..start+c-1 (G: each KV head's query
-        heads), for policies with needs_prompt_attention, and for the kvzip compressor: a prompt position's score is
-        the largest attention it gets from the reconstruction queries (positions >= context_len), over the heads."""
+        """probs [B, Hkv, G, c, e]: the causal attention of prompt queries start..start+c-1 to the keys 0..e-1 (G:
+        each KV head's query heads), for policies with needs_prompt_attention, and for the kvzip compressor: a prompt
+        position's score is the largest attention it gets from the reconstruction queries (positions >=
+        context_len), over the heads."""
         if self.prompt_compressor != "kvzip":
             return
         T, c = self.context_len, probs.shape[3]
@@ -672,8 +673,9 @@ def snapkv_scores(q: Tensor, k: Tensor, window: int, kernel: int, pos: Tensor = 
 
 @torch.compiler.disable  # a Python loop over query chunks: compiled, it would recompile per prompt length
 def streamed_prompt_attention(q: Tensor, k: Tensor, v: Tensor, observe) -> Tensor:
-    """Causal attention of the prompt computed in fp32 query chunks (at most ~32M probabilities at a time); each
-    chunk's probabilities go to observe(start, probs [B, Hkv, G, c, T]) (G: the query heads of each KV head).
+    """Causal attention of the prompt computed in fp32 query chunks (at most ~32M probabilities at a time; a chunk
+    reads only the keys up to its last query); each chunk's probabilities go to observe(start, probs
+    [B, Hkv, G, c, e]) (G: the query heads of each KV head; e: the keys 0..e-1 the chunk can see).
     q [B, H, T, D]; k, v [B, Hkv, T, D] -> y [B, H, T, D] in q's dtype."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -682,13 +684,14 @@ def streamed_prompt_attention(q: Tensor, k: Tensor, v: Tensor, observe) -> Tenso
     kf, vf = k.float().transpose(-1, -2).unsqueeze(2), v.float().unsqueeze(2)
     ys = []
     for s in range(0, T, chunk):
-        qc = q[:, :, s:s + chunk].float()
-        c = qc.shape[2]
-        scores = qc.reshape(B, Hkv, G, c, D) @ kf / math.sqrt(D)  # [B, Hkv, G, c, T]
-        causal = torch.arange(T, device=q.device)[None, :] <= torch.arange(s, s + c, device=q.device)[:, None]
+        e = min(s + chunk, T)
+        qc = q[:, :, s:e].float()
+        c = e - s
+        scores = qc.reshape(B, Hkv, G, c, D) @ kf[..., :e] / math.sqrt(D)  # [B, Hkv, G, c, e]
+        causal = torch.arange(e, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None]
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         observe(s, probs)
-        ys.append((probs @ vf).reshape(B, H, c, D))
+        ys.append((probs @ vf[:, :, :, :e]).reshape(B, H, c, D))
     return torch.cat(ys, dim=2).to(q.dtype)
 
 
@@ -803,22 +806,25 @@ class HeavyHitterCache(KVCache):
         """H2O's history from the prompt: each prompt query counts as one step (with a window: the last W only).
         Accumulated chunk by chunk while the prompt's attention is computed (no second attention pass)."""
         super().observe_prompt_attention(start, probs)
-        T = self.context_len  # a KVzip extension's queries are not steps of this sequence
-        probs = probs.mean(2)[:, :, :max(0, T - start), :T]
+        T, W = self.context_len, self.history_window_size  # a KVzip extension's queries are not steps
         if start >= T:
             return
+        p = probs.mean(2)[:, :, :T - start, :T]  # [B, Hkv, c, e]: zero above the diagonal (causal softmax)
+        B, Hkv, c, e = p.shape
         if start == 0:
-            self._seed = {"sums": 0, "counts": 0, "rows": []}
-        W = self.history_window_size
-        rows = torch.arange(start, start + probs.shape[2], device=probs.device)
-        visible = (torch.arange(T, device=probs.device)[None, :] <= rows[:, None]).float()  # [c, T]
-        vals = self.step_values(probs, (rows + 1.0)[:, None]) * visible
+            self._seed = {"sums": p.new_zeros(B, Hkv, T), "rows": []}
         seed = self._seed
+        if not W and not self.attn_thresholding:  # the common case: one reduction
+            seed["sums"][..., :e] += p.sum(2)
+            return
+        rows = torch.arange(start, start + c, device=p.device)
+        visible = (torch.arange(e, device=p.device)[None, :] <= rows[:, None]).float()  # [c, e]
+        vals = self.step_values(p, (rows + 1.0)[:, None]) * visible
         if W:
             sel = rows >= T - W
-            seed["rows"].append((vals[:, :, sel], visible[sel]))
+            seed["rows"].append((F.pad(vals[:, :, sel], (0, T - e)), F.pad(visible[sel], (0, T - e))))
         else:
-            seed["sums"], seed["counts"] = seed["sums"] + vals.sum(2), seed["counts"] + visible.sum(0)
+            seed["sums"][..., :e] += vals.sum(2)
 
     def after_prefill(self, k, q, keep):
         T, W = k.shape[2], self.history_window_size
@@ -826,8 +832,9 @@ class HeavyHitterCache(KVCache):
         if W:
             vals = torch.cat([r[0] for r in seed["rows"]], 2).transpose(2, 3)  # [B, Hkv, T, W']
             vis = torch.cat([r[1] for r in seed["rows"]], 0).t().expand_as(vals)
-        else:
-            vals, vis = seed["sums"].unsqueeze(-1), seed["counts"].expand_as(seed["sums"]).unsqueeze(-1)
+        else:  # key j was visible to the T - j queries at or after it
+            sums = seed["sums"]
+            vals, vis = sums.unsqueeze(-1), (T - torch.arange(T, device=k.device)).float().expand_as(sums).unsqueeze(-1)
         if keep is None:
             self.attn_hist[:, :, :T, :vals.shape[-1]] = vals
             self.attn_vis[:, :, :T, :vals.shape[-1]] = vis

@@ -5,13 +5,20 @@ Exit codes: 2 bad input (a flag, a path, a prompt), 1 a fault of the environment
 folder, no memory, an internal error), 130 interrupted (Ctrl-C).
 """
 import argparse
+import contextlib
 import errno
+import fcntl
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+
+from model import ModelArgs
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct" / "model.pth"
@@ -74,7 +81,8 @@ def run_main(body, *args):
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"error: {where}{one_line(e.strerror or e)}", file=sys.stderr)
-        sys.exit(2 if e.errno in BAD_PATH_ERRNOS else 1)
+        bad_path = e.errno in BAD_PATH_ERRNOS or isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
+        sys.exit(2 if bad_path else 1)
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
         sys.exit(1)
@@ -130,3 +138,204 @@ def resolve_checkpoint(path) -> Path:
     if not (weights.parent / "config.json").exists():
         raise UserError(f"{weights.parent}/config.json is missing; re-run the conversion script for this folder")
     return weights
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result files: atomic writes, whole appended lines, one run per folder
+# ---------------------------------------------------------------------------------------------------------------
+# Fault injection for the tests: with KVC_FAULT_BEFORE_RENAME=NAME, a write of a file called NAME kills its own
+# process (SIGKILL, as kill -9 would) after the temporary file is written and synced, before the rename.
+FAULT_ENV = "KVC_FAULT_BEFORE_RENAME"
+LOCK_NAME = ".lock"
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what a plain open() gives a new file (mkstemp makes 0600); read once, at import
+
+
+def _fsync_folder(folder: Path):
+    """Makes a rename in `folder` durable (best effort: not every file system can sync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """The same error (same errno, so the same exit code) naming the file the user asked for, not our temporary."""
+    return OSError(e.errno, e.strerror or str(e), str(path)) if e.errno else e
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path in the folder of `path`; when the block ends without an exception the temporary file
+    is synced and renamed over `path` (readers see the old file or the new one, never a part). On any failure
+    (an exception, Ctrl-C) the temporary file is removed and `path` is untouched. For writers that need a file name
+    (torch.save); atomic_write_text / atomic_write_bytes are the usual way."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        try:
+            os.chmod(tmp, FILE_MODE)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _naming(e, path) from None
+        if os.environ.get(FAULT_ENV) == path.name:
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _naming(e, path) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Writes `data` to `path` atomically: a temporary file in the same folder, fsync, rename."""
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise _naming(e, Path(path)) from None
+
+
+def atomic_write_text(path, text: str):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_line(path, line: str):
+    """Appends one whole line (a newline is added) with a single write and an fsync. A short write (a full disk) is
+    cut back, so the file never keeps half a line that a later line would be glued to."""
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _naming(e, path) from None
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            n = os.write(fd, data)
+            if n != len(data):
+                raise OSError(errno.ENOSPC, "No space left on device (short write)", str(path))
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    except OSError as e:
+        raise _naming(e, path) from None
+    finally:
+        os.close(fd)
+
+
+def read_json(path, what: str = None):
+    """A JSON file written by these tools; a damaged one is one clear line (UserError) naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is corrupt ({e.reason} at byte {e.start}){what or ''}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is corrupt (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})"
+                        f"{what or ''}") from None
+
+
+def make_folder(path, flag: str = "--out_dir") -> Path:
+    """mkdir -p, with one clear line when the path (or a parent) is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{flag} {path}: a parent of it is a file, not a folder") from None
+    return path
+
+
+def check_writable(folder, flag: str = "--out_dir") -> Path:
+    """Before any long work: the output folder exists (made if needed) and a file can be created in it."""
+    folder = make_folder(folder, flag)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write_test.", suffix=TMP_SUFFIX, dir=folder)
+    except OSError as e:
+        raise _naming(e, folder) from None
+    os.close(fd)
+    os.unlink(tmp)
+    return folder
+
+
+def remove_stale_temporaries(folder):
+    """Temporary files a killed run left in a folder this run holds the lock of."""
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+@contextlib.contextmanager
+def folder_lock(folder, flag: str = "--out_dir"):
+    """An exclusive lock on a results folder for the whole block (flock on FOLDER/.lock, so a killed run's lock
+    goes with its process). A second run on the same folder gets one line (UserError) instead of interleaving."""
+    folder = make_folder(folder, flag)
+    lock = folder / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _naming(e, lock) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            except OSError:
+                pid = ""
+            raise UserError(f"another run is using {folder} (lock file {lock} held by pid {pid or '?'}); wait for "
+                            f"it or use another {flag}") from None
+        except OSError as e:  # a file system without flock (some network mounts): run, unprotected
+            print(f"note: cannot lock {folder} ({e.strerror}); concurrent runs on it are not detected",
+                  file=sys.stderr)
+        else:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)
+
+
+def model_config(weights):
+    """The ModelArgs of a checkpoint (its folder's config.json), read before the weights: for checks that must come
+    before any work (the context window). A damaged config.json is one line naming it."""
+    path = Path(weights).parent / "config.json"
+    raw = read_json(path, "; re-run the conversion script for this folder")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is corrupt (not a JSON object); re-run the conversion script for this folder")
+    return ModelArgs.from_json(path)

@@ -9,30 +9,65 @@ the configuration without its budget flags (max_cache_length, initial_local_wind
 so each strategy becomes one line through its budgets. The x axis is the compression eval.py measured: the
 fraction of the tokens seen that each layer's cache still holds at the end of a sample (mean over samples and
 layers, `compression_ratio` of cache.cache_stats; 1 = nothing evicted).
+
+A metrics.json that cannot be read or lacks the fields the table needs is skipped with a warning naming it; the
+outputs (--out_md, --update_md, --out_png) are written atomically (a temporary file, then a rename).
 """
-import argparse
-import json
+import os
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load: the one line cli.run_main gives later
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+
+import argparse
+import io
+import signal
 from collections import defaultdict
 from pathlib import Path
 
-BUDGET_KEYS = {"max_cache_length", "initial_local_window", "sink_tokens", "recent_tokens", "middle_budget_tokens",
-               "uniform_stride", "block_n", "cache_length_pattern", "pyramid_beta"}
+import cli
+from cli import UserError
+
+BUDGET_KEYS = {"max_cache_length", "compression_ratio", "initial_local_window", "sink_tokens", "recent_tokens",
+               "middle_budget_tokens", "uniform_stride", "block_n", "cache_length_pattern", "pyramid_beta"}
 MARK_BEGIN, MARK_END = "<!-- compare_strategies:begin -->", "<!-- compare_strategies:end -->"
 
 
-def load(paths, model=None, tasks=None) -> list:
+def problem(m) -> str:
+    """Why a metrics record cannot enter the table (None: it can)."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    for key, kind in (("score", (int, float)), ("config", str), ("task", str), ("model", str), ("primary", str),
+                      ("stats", dict)):
+        if not isinstance(m.get(key), kind):
+            return f"no {key}"
+    for key in ("compression_ratio", "kv_cache_bytes"):
+        if not isinstance(m["stats"].get(key), (int, float)):
+            return f"no stats.{key}"
+    return None
+
+
+def load(paths, model=None, tasks=None, skipped: list = None) -> list:
+    """Every usable metrics.json below `paths`; the unusable ones go to `skipped` as 'PATH: why' (and are said on
+    stderr when skipped is None)."""
     rows = []
     for root in paths:
         root = Path(root)
         files = [root] if root.name == "metrics.json" else sorted(root.rglob("metrics.json"))
         for f in files:
             try:
-                m = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                print(f"warning: skipping {f}: {e}", file=sys.stderr)
-                continue
-            if "score" not in m or "config" not in m:
+                m = cli.read_json(f)
+                why = problem(m)
+            except (OSError, UserError) as e:
+                why = cli.one_line(e.strerror if isinstance(e, OSError) and e.strerror else e)
+                why = why.replace(f"{f} is corrupt ", "corrupt ")
+            if why:
+                if skipped is None:
+                    print(f"warning: skipping {f}: {why}", file=sys.stderr)
+                else:
+                    skipped.append(f"{f}: {why}")
                 continue
             if model and m.get("model") != model or tasks and m["task"] not in tasks:
                 continue
@@ -159,13 +194,17 @@ def plot(rows, out: Path, title: str = None):
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.08 + 0.02 * ((len(handles) - 1) // 6), 1, 0.95 if title else 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
     plt.close(fig)
+    cli.atomic_write_bytes(out, buf.getvalue())
 
 
 def update_markdown(path: Path, text: str):
-    doc = path.read_text() if path.exists() else ""
+    try:
+        doc = path.read_text(encoding="utf-8") if path.exists() else ""
+    except UnicodeDecodeError as e:
+        raise UserError(f"--update_md {path} is not UTF-8 text ({e.reason})") from None
     block = f"{MARK_BEGIN}\n{text}{MARK_END}"
     if MARK_BEGIN in doc and MARK_END in doc:
         pre, rest = doc.split(MARK_BEGIN, 1)
@@ -173,7 +212,7 @@ def update_markdown(path: Path, text: str):
         doc = pre + block + post
     else:
         doc = doc + ("\n" if doc and not doc.endswith("\n") else "") + block + "\n"
-    path.write_text(doc)
+    cli.atomic_write_text(path, doc)
 
 
 def main(argv=None):
@@ -186,23 +225,35 @@ def main(argv=None):
                    help=f"replace the table between {MARK_BEGIN} and {MARK_END} in this markdown file")
     p.add_argument("--out_png", type=Path, default=None, help="plot of score versus compression (matplotlib, Agg)")
     p.add_argument("--title", default=None)
-    a = p.parse_args(argv)
+    cli.one_line_errors(p)
+    return cli.run_main(lambda: run(p.parse_args(argv)))
+
+
+def run(a):
     missing = [str(x) for x in a.paths if not x.exists()]
     if missing:
-        print(f"error: no such results folder: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    rows = load(a.paths, a.model, a.tasks)
+        raise UserError(f"no such results folder: {', '.join(missing)}")
+    for flag, path in (("--out_md", a.out_md), ("--update_md", a.update_md), ("--out_png", a.out_png)):
+        if path is not None:  # before reading anything: a bad output path fails first
+            if path.is_dir():
+                raise UserError(f"{flag} {path} is a folder, not a file")
+            cli.check_writable(path.parent, flag)
+    skipped = []
+    rows = load(a.paths, a.model, a.tasks, skipped)
     if not rows:
-        print(f"error: no metrics.json under {', '.join(map(str, a.paths))}", file=sys.stderr)
-        return 2
+        raise UserError(f"no usable metrics.json under {', '.join(map(str, a.paths))}"
+                        + (f" (skipped {len(skipped)}: {'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''})"
+                           if skipped else ""))
+    for x in skipped:
+        print(f"warning: skipping {x}", file=sys.stderr)
     t = table(rows)
     if a.out_md:
-        a.out_md.parent.mkdir(parents=True, exist_ok=True)
-        a.out_md.write_text(t)
+        cli.atomic_write_text(a.out_md, t)
     if a.update_md:
         update_markdown(a.update_md, t)
     if not a.out_md and not a.update_md:
         sys.stdout.write(t)
+        sys.stdout.flush()
     if a.out_png:
         plot(rows, a.out_png, a.title)
         print(f"wrote {a.out_png}", file=sys.stderr)
@@ -210,4 +261,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, cli.run_main reports Ctrl-C
     sys.exit(main())

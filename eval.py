@@ -13,15 +13,27 @@ resume after their last written sample, unless --overwrite.
 One max_seq_length = --seq_length + --max_new_tokens sizes every cache for the whole run, so a fractional
 --max_cache_length gives the same number of slots for every sample and task; caches are built once and reset
 per sample, and the compiled functions (--compile) are made and warmed up once. Task list: see tasks.py.
+
+Safe to interrupt and to run side by side: every result file is written atomically (a temporary file, fsync,
+rename) and each sample's line is appended whole, so a run killed at any moment (even kill -9) resumes after its
+last whole sample; a run holds a lock on each task folder it computes, and a second run on the same folder stops
+with one line instead of interleaving. A damaged metrics.json is reported and its task computed again.
 """
+import os
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch: the one line cli.run_main gives later
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+
 import argparse
+import contextlib
 import hashlib
 import json
 import math
-import os
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -383,19 +395,49 @@ def aggregate(task, records, cache_info, extra, judge_skipped=False) -> dict:
 
 
 def read_records(path: Path, fingerprint: str) -> list:
-    """Finished samples of an interrupted run (same fingerprint), in order, stopping at the first gap."""
+    """Finished samples of an interrupted run (same fingerprint), in order, stopping at the first gap (a half-written
+    or damaged line, another run's record)."""
     if not path.exists():
         return []
     recs = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
             break  # a half-written last line
-        if r.get("fingerprint") != fingerprint or r.get("id") != len(recs):
+        if not isinstance(r, dict) or r.get("fingerprint") != fingerprint or r.get("id") != len(recs):
             break
         recs.append(r)
     return recs
+
+
+def finished(d: Path, task, quiet: bool = False) -> dict:
+    """The metrics of a finished task folder, or None. A damaged metrics.json (a crash of an older version, a
+    disk fault) is said on stderr and the task counts as unfinished: it is computed again (resuming after the
+    samples its predictions.jsonl holds)."""
+    path = d / "metrics.json"
+    if not path.exists():
+        return None
+    try:
+        m = cli.read_json(path)
+        if not isinstance(m, dict) or not isinstance(m.get("score"), (int, float)):
+            raise UserError(f"{path} is corrupt (no score)")
+    except (UserError, OSError) as e:
+        if not quiet:
+            print(f"note: {cli.one_line(e)}; computing {task.name} again", file=sys.stderr)
+        return None
+    return m
+
+
+def check_sampling(a):
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0, got {a.temperature}")
+    if a.top_k < 0:
+        raise UserError(f"--top_k must be >= 0 (0: off), got {a.top_k}")
+    if not (0 < a.top_p <= 1):
+        raise UserError(f"--top_p must be in (0, 1], got {a.top_p}")
+    if a.num_threads is not None and a.num_threads < 1:
+        raise UserError(f"--num_threads must be >= 1, got {a.num_threads}")
 
 
 def main(argv=None):
@@ -412,6 +454,7 @@ def run(a, defaults, cache_dests, argv):
         raise UserError(f"--seq_length must be >= 2, got {a.seq_length}")
     if a.max_new_tokens is not None and a.max_new_tokens < 0:
         raise UserError(f"--max_new_tokens must be >= 0, got {a.max_new_tokens}")
+    check_sampling(a)
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     if a.batch_size < 1:
@@ -431,23 +474,42 @@ def run(a, defaults, cache_dests, argv):
     cfg_name = config_name(a, defaults, cache_dests)
     cfg_dir = Path(a.out_dir) / model_name / cfg_name
     if a.print_dir:
-        print(cfg_dir)
+        print(cfg_dir, flush=True)  # flushed here: a closed pipe is reported by cli.run_main, not at exit
         return
-    tokenizer = get_tokenizer(weights.parent)
-    encoder = T.PromptEncoder(tokenizer, not a.no_chat)
+    max_seq_length = a.seq_length + gen_len
+    quantize.check_checkpoint_file(weights)  # a truncated model.pth: one line now, not after the samples are built
+    block_size = cli.model_config(weights).block_size
+    if max_seq_length > block_size:  # before any work: the samples, the model, the caches
+        raise UserError(f"--seq_length {a.seq_length} + max_new_tokens {gen_len} = {max_seq_length} exceeds the "
+                        f"model's context of {block_size} tokens; lower --seq_length or --max_new_tokens")
+    if Path(a.out_dir).exists() and not Path(a.out_dir).is_dir():
+        raise UserError(f"--out_dir {a.out_dir} is a file, not a folder")
 
     todo = []
     for task in tasks:
         d = cfg_dir / task_dir_name(task, a, gen_len)
-        if (d / "metrics.json").exists() and not a.overwrite:
-            m = json.loads((d / "metrics.json").read_text())
+        m = None if a.overwrite else finished(d, task)
+        if m is not None:
             print(f"{task.name}: done ({d}); score {m['score']:.2f} (--overwrite recomputes)", file=sys.stderr)
             continue
         todo.append((task, d))
     if not todo:
         return
+    tokenizer = get_tokenizer(weights.parent)
+    built = build_samples(a, todo, T.PromptEncoder(tokenizer, not a.no_chat), gen_len)  # writes nothing
+    with contextlib.ExitStack() as locks:  # one run per task folder, held until the run ends
+        for task, d, _ in built:
+            locks.enter_context(cli.folder_lock(d))
+            cli.remove_stale_temporaries(d)  # a killed run's half-written files (none are read)
+        # a run that held a folder may have finished it meanwhile
+        built = [(task, d, s) for task, d, s in built if a.overwrite or finished(d, task, quiet=True) is None]
+        if built:
+            run_tasks(a, built, tokenizer, weights, device, dtype, gen_len, max_seq_length, cfg_dir, cfg_name,
+                      model_name, argv)
 
-    # Build every task's samples before loading the model: a missing dataset fails fast.
+
+def build_samples(a, todo, encoder, gen_len) -> list:
+    """Every task's samples, built before any folder is made or the model loads: a missing dataset fails fast."""
     built = []
     for task, d in todo:
         samples = task.build(encoder, a.seq_length, a.num_samples, a.seed, a.data_dir)
@@ -465,12 +527,12 @@ def run(a, defaults, cache_dests, argv):
                 raise UserError(f"task {task.name}: prompt + choice reach {need} tokens, more than --seq_length "
                                 f"{a.seq_length} + --max_new_tokens {gen_len}; raise --max_new_tokens")
         built.append((task, d, samples))
+    return built
 
-    max_seq_length = a.seq_length + gen_len
+
+def run_tasks(a, built, tokenizer, weights, device, dtype, gen_len, max_seq_length, cfg_dir, cfg_name, model_name,
+              argv):
     model = quantize.load_model(weights, device, dtype)
-    if max_seq_length > model.config.block_size:
-        raise UserError(f"--seq_length + max_new_tokens = {max_seq_length} exceeds the model's context "
-                        f"({model.config.block_size})")
     for task, d, samples in built:
         longest = max(len(s["ids"]) for s in samples)
         if task.kind != "perplexity" and longest < 0.5 * a.seq_length:
@@ -504,14 +566,14 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
         task_gen = min(task.max_new_tokens, gen_len)
         fingerprint = hashlib.sha1(json.dumps([base_args["config"], a.seq_length, gen_len, a.seed, a.no_chat,
                                                task.opts, [s["ids"] for s in samples]]).encode()).hexdigest()[:16]
-        (d / "args.json").write_text(json.dumps({**base_args, "task": task.name, "task_options": task.opts,
-                                                 "task_max_new_tokens": task_gen, "fingerprint": fingerprint},
-                                                indent=2) + "\n")
+        cli.atomic_write_text(d / "args.json", json.dumps({**base_args, "task": task.name, "task_options": task.opts,
+                                                           "task_max_new_tokens": task_gen,
+                                                           "fingerprint": fingerprint}, indent=2) + "\n")
         pred_path = d / "predictions.jsonl"
         records = [] if a.overwrite else read_records(pred_path, fingerprint)
-        with open(pred_path, "w") as f:  # rewrite the kept prefix, then append
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        # the kept prefix, rewritten whole (a damaged tail or another configuration's lines go); then one appended
+        # line per finished sample
+        cli.atomic_write_text(pred_path, "".join(json.dumps(r) + "\n" for r in records))
         if records:
             print(f"{task.name}: resuming after {len(records)} finished samples", file=sys.stderr)
         if device.startswith("cuda"):
@@ -542,8 +604,7 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
                 rec = {"id": s["id"], "fingerprint": fingerprint, "prompt_tokens": len(s["ids"]), **r,
                        "meta": s.get("meta", {})}
                 rec["cache"].pop("layer_kv_budget", None)
-                with open(pred_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                cli.append_line(pred_path, json.dumps(rec))
                 records.append(rec)
                 if bar:
                     bar.update(1)
@@ -564,7 +625,7 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
         m = aggregate(task, records, info, extra, judge_skipped)
         m.update(config=cfg_name, model=model_name, seq_length=a.seq_length, max_new_tokens=task_gen,
                  max_cache_length=a.max_cache_length, cache_strategy=a.cache_strategy)
-        (d / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
+        cli.atomic_write_text(d / "metrics.json", json.dumps(m, indent=2) + "\n")
         line = f"{task.name}: {task.primary} = {m['score']:.2f}"
         if task.kind == "perplexity":
             line += " (" + ", ".join(f"@{k}: {v:.2f}" for k, v in m["ppl_at"].items()) + ")"
@@ -577,12 +638,13 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
         run_summary.append({"task": task.name, "dir": d.name, "score": m["score"], "primary": task.primary,
                             **{k: st.get(k) for k in ("decode_tokens_per_s", "time_to_first_token_s", "tokens_per_s",
                                                       "compression_ratio", "kv_cache_bytes", "peak_memory_bytes")}})
-    with open(cfg_dir / "runs.jsonl", "a") as f:
-        f.write(json.dumps({"command": base_args["command"], "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                            "wall_s": time.perf_counter() - run_started, "compile_s": rt.compile_s,
-                            "device": device, "max_seq_length": max_seq_length,
-                            "peak_memory_bytes": peak_memory_bytes(device), "tasks": run_summary}) + "\n")
+    # one whole line per invocation (runs of other tasks of this configuration may append at the same time)
+    cli.append_line(cfg_dir / "runs.jsonl", json.dumps({
+        "command": base_args["command"], "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "wall_s": time.perf_counter() - run_started, "compile_s": rt.compile_s, "device": device,
+        "max_seq_length": max_seq_length, "peak_memory_bytes": peak_memory_bytes(device), "tasks": run_summary}))
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, cli.run_main reports Ctrl-C
     main()

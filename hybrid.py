@@ -164,8 +164,10 @@ class HybridCache(KVCache):
     # -- prefill -------------------------------------------------------------------------------------------
     def observe_prompt_attention(self, start, probs):
         """Column sums of the prompt's attention (each key's total from the later queries), chunk by chunk."""
-        col = probs.mean(2).sum(2)  # mean over the KV head's query heads, sum over the queries
-        self._columns = col if start == 0 else self._columns + col
+        col = probs.mean(2).sum(2)  # [B, H, e]: mean over the KV head's query heads, sum over the queries
+        if start == 0:
+            self._columns = col.new_zeros(*col.shape[:2], self.context_len)
+        self._columns[..., :col.shape[-1]] += col
 
     def prompt_keep(self, k, q, v):
         self.profile(k, q)  # every prompt is profiled; only one longer than the budget is compressed

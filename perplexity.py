@@ -11,11 +11,23 @@ The negative log-likelihood of each next token is accumulated; perplexity = exp(
 
 Default text: the prose of Python's own documentation topics (pydoc_data.topics, in sorted key order), so the
 run needs no download. --cache_size N is the seed's spelling of --max_cache_length N (an absolute slot count).
+
+The model's context window bounds the run: more than block_size tokens are refused (the positions past it were
+never trained), except when every layer streams StreamingLLM-style, rotating keys by their rank in a cache of at
+most block_size slots (--position_mode cache, lacache's default), which is what streaming perplexity measures.
 """
+import os
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch: the one line cli.run_main gives later
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+
 import argparse
 import json
 import math
-import sys
+import signal
 import time
 from pathlib import Path
 
@@ -76,6 +88,20 @@ def streaming_nll(model, ids: list, step_fn=nll_step, checkpoints=(), report=Non
     return nll
 
 
+def check_context(a, cfg, n_eval: int):
+    """n_eval tokens fit the model's window, or every layer streams by cache rank within it (see the docstring);
+    checked on caches built on the meta device, so nothing is allocated and no flag is read twice."""
+    if n_eval <= cfg.block_size:
+        return
+    caches = policies.build_caches(policies.settings(a), cfg.n_layer, cfg.n_local_heads, cfg.head_dim, 1, n_eval,
+                                   torch.float32, "meta", prompt_len=1, n_heads=cfg.n_head)
+    if all(c.position_mode == "cache" and c.kv_budget <= cfg.block_size for c in caches):
+        return
+    raise UserError(f"--num_eval_tokens {n_eval} runs past the model's context of {cfg.block_size} tokens (positions "
+                    f"it was never trained on); lower it, or stream with caches of at most {cfg.block_size} slots "
+                    "that rotate keys by their rank (--position_mode cache, as lacache does by default)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("perplexity")
@@ -109,12 +135,15 @@ def run(a, argv):
         a.max_cache_length = [float(a.cache_size)]
     if any(c < 1 for c in a.ppl_checkpoints):
         raise UserError(f"--ppl_checkpoints must be >= 1, got {a.ppl_checkpoints}")
+    if a.num_threads is not None and a.num_threads < 1:
+        raise UserError(f"--num_threads must be >= 1, got {a.num_threads}")
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     text = read_text(a.text)
     device = cli.resolve_device(a.device)
     dtype = cli.resolve_dtype(a.dtype, device)
     weights = cli.resolve_checkpoint(a.checkpoint_path)
+    cfg = cli.model_config(weights)
     tokenizer = get_tokenizer(weights.parent)
     ids = tokenizer.encode(text)
     if len(ids) < 3:
@@ -124,6 +153,7 @@ def run(a, argv):
         print(f"note: the text has {len(ids)} tokens; scoring {n_eval} instead of {a.num_eval_tokens}",
               file=sys.stderr)
     ids = ids[:n_eval + 1]
+    check_context(a, cfg, n_eval)  # before the model loads and the caches are allocated
     model = quantize.load_model(weights, device, dtype)
     policies.setup(model, a, batch_size=1, prompt_len=1, max_seq_length=n_eval, tokenizer=tokenizer)
     step = runtime.compile_decode(nll_step, device) if a.compile else nll_step
@@ -151,13 +181,14 @@ def run(a, argv):
         "device": device, "dtype": str(dtype).split(".")[-1],
     }
     if a.json:
-        print(json.dumps(record))
+        print(json.dumps(record), flush=True)  # flushed here: a closed pipe is reported by cli.run_main
     else:
         print(f"perplexity over {n_eval} tokens: {math.exp(mean):.4f} (mean NLL {mean:.4f}); cache "
               f"{'+'.join(a.cache_strategy)}, slots per layer {budgets[0] if len(budgets) == 1 else budgets}, "
-              f"kept {stats['kept_tokens']:.0f}/{stats['seen_tokens']} tokens; {n_eval / seconds:.1f} tokens/s")
+              f"kept {stats['kept_tokens']:.0f}/{stats['seen_tokens']} tokens; {n_eval / seconds:.1f} tokens/s", flush=True)
     return record
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, cli.run_main reports Ctrl-C
     main()

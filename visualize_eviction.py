@@ -3,7 +3,7 @@
     python visualize_eviction.py --cache_strategy heavy_hitter --max_cache_length 0.25 --task niah_single_2 \
         --seq_length 512 --out docs/eviction_heavy_hitter.png
     python visualize_eviction.py --cache_config sink_recent --sink_tokens 16 --recent_tokens 96 \
-        --middle_budget_tokens 96 --block_n 16 --prompt prompts/long_story.txt --per_head --out sink_recent.png
+        --middle_budget_tokens 96 --block_n 16 --prompt_file prompts/long_story.txt --per_head --out sink_recent.png
 
 Runs generate.generate on the model (SmolLM2-135M-Instruct by default) with the given policy, then reads each
 layer's `pos` buffer ([B, Hkv, C]: the original position held by each slot, -1 = empty): a position is kept in
@@ -11,10 +11,22 @@ a layer (row) if some slot of that layer (with --per_head: of that KV head) hold
 evicted ones grey; the red dashed line is the sink boundary (global_tokens / sink_tokens / start_size), the green
 one the start of the protected recent window, the orange band the needle of a needle-in-a-haystack prompt. A
 merging policy (merge_pyramid) reports a merged slot at the mean position of its members.
+
+--prompt is text (as in generate.py; a file is --prompt_file). The picture and --save_json are written atomically
+(a temporary file, then a rename); their folders are checked for writing before the model runs.
 """
-import argparse
-import json
+import os
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch: the one line cli.run_main gives later
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+
+import argparse
+import io
+import json
+import signal
 from pathlib import Path
 
 import torch
@@ -98,15 +110,17 @@ def draw(kept, labels, sink, recent_start, needles, out: Path, title: str):
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=7, framealpha=0.9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
     plt.close(fig)
+    cli.atomic_write_bytes(out, buf.getvalue())
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("visualization")
-    g.add_argument("--prompt", default=None, help="prompt text or .txt file (default: a task sample, --task)")
+    g.add_argument("--prompt", default=None, help="prompt text (default: a task sample, --task)")
+    g.add_argument("--prompt_file", type=Path, default=None, help="a UTF-8 file holding the prompt")
     g.add_argument("--task", default="niah_single_2", help="synthetic task whose first sample is the prompt")
     g.add_argument("--seq_length", type=int, default=512, help="task prompt length in tokens")
     g.add_argument("--seed", type=int, default=0)
@@ -121,17 +135,41 @@ def main(argv=None):
     return cli.run_main(lambda: run(policies.parse_args(p, argv)))
 
 
+def check_outputs(a):
+    """Before the model runs: the picture (and JSON) can be written where asked."""
+    for flag, path in (("--out", a.out), ("--save_json", a.save_json)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a folder, not a file")
+        cli.check_writable(path.parent, flag)
+
+
 def run(a):
+    if a.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
+    if a.seq_length < 2:
+        raise UserError(f"--seq_length must be >= 2, got {a.seq_length}")
+    if a.num_threads is not None and a.num_threads < 1:
+        raise UserError(f"--num_threads must be >= 1, got {a.num_threads}")
+    if a.prompt is not None and a.prompt_file is not None:
+        raise UserError("give the prompt as --prompt TEXT or --prompt_file PATH, not both")
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     device = cli.resolve_device(a.device)
+    dtype = cli.resolve_dtype(a.dtype, device)
     weights = cli.resolve_checkpoint(a.checkpoint_path)
+    cfg = cli.model_config(weights)
+    check_outputs(a)
+    text = gen.read_prompt_file(a.prompt_file) if a.prompt_file is not None else a.prompt
+    if text is None and a.seq_length + a.max_new_tokens > cfg.block_size:  # before building the task's prompt
+        raise UserError(f"--seq_length {a.seq_length} + --max_new_tokens {a.max_new_tokens} exceeds the model's "
+                        f"context of {cfg.block_size} tokens")
     tokenizer = get_tokenizer(weights.parent)
-    model = quantize.load_model(weights, device, cli.resolve_dtype(a.dtype, device))
     encoder = T.PromptEncoder(tokenizer, not a.no_chat)
     needles = []
-    if a.prompt:
-        ids = encoder(gen.read_prompt(a.prompt))
+    if text is not None:
+        ids = gen.encode_prompt(tokenizer, text, not a.no_chat, cfg.chat_format)
         source = "prompt"
     else:
         sample = T.get_task(a.task).build(encoder, a.seq_length, 1, a.seed)[0]
@@ -141,8 +179,10 @@ def run(a):
     if not ids:
         raise UserError("the prompt is empty")
     max_seq_length = len(ids) + a.max_new_tokens
-    if max_seq_length > model.config.block_size:
-        raise UserError(f"prompt + max_new_tokens = {max_seq_length} exceeds the model's context")
+    if max_seq_length > cfg.block_size:
+        raise UserError(f"prompt ({len(ids)} tokens) + --max_new_tokens {a.max_new_tokens} = {max_seq_length} "
+                        f"exceeds the model's context of {cfg.block_size} tokens")
+    model = quantize.load_model(weights, device, dtype)
     torch.manual_seed(a.seed)
     policies.setup(model, a, batch_size=1, prompt_len=len(ids), max_seq_length=max_seq_length, tokenizer=tokenizer)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_ids)
@@ -157,7 +197,7 @@ def run(a):
              f"{100 * stats['compression_ratio']:.0f}% ({stats['kept_tokens']:.0f} of {seen} per layer)")
     draw(kept, labels, sink, recent_start, needles, a.out, title)
     if a.save_json:
-        a.save_json.write_text(json.dumps({"seen": seen, "rows": labels, "sink": sink, "recent_start": recent_start,
+        cli.atomic_write_text(a.save_json, json.dumps({"seen": seen, "rows": labels, "sink": sink, "recent_start": recent_start,
                                            "needles": needles,
                                            "kept": [torch.nonzero(r).flatten().tolist() for r in kept]}))
     print(f"wrote {a.out}: {len(labels)} rows x {seen} positions; {title}", file=sys.stderr)
@@ -165,4 +205,5 @@ def run(a):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, cli.run_main reports Ctrl-C
     sys.exit(main())

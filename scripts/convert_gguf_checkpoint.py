@@ -13,6 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import cli  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from tokenizer import export_gguf_tokenizer, smollm2_gguf_path  # noqa: E402
 
@@ -28,7 +29,8 @@ def _field(reader, key, default=None):
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row interleaving so that rotate-half RoPE applies (see ../shared/MODELS.md)."""
+    """Undo llama.cpp's q/k row interleaving (its converter reorders the rows of q and k for its own rotary layout),
+    so that rotate-half RoPE applies."""
     rows, cols = w.shape
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
@@ -56,7 +58,7 @@ def convert(gguf_path: Path, out: Path, dtype=torch.float32):
     eos_ids = [int(eos)] + [i for i, s in enumerate(tokens[:32]) if s == "<|endoftext|>" and i != eos]
     template = _field(reader, "tokenizer.chat_template", "") or ""
     args = ModelArgs(
-        name=str(_field(reader, "general.name", gguf_path.stem)),
+        name=gguf_path.name.split(".")[0],  # "SmolLM2-135M-Instruct"; the GGUF's general.name is a training tag
         arch="llama",
         vocab_size=tensors["token_embd.weight"].shape[0],
         n_layer=n_layer, n_head=n_head, n_local_heads=n_kv, dim=dim,
@@ -101,15 +103,18 @@ def main():
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="stored dtype; float32 keeps the dequantized weights exact (default)")
-    a = ap.parse_args()
+    cli.one_line_errors(ap)
+    cli.run_main(run, ap.parse_args())
+
+
+def run(a):
+    gguf_path = a.gguf or smollm2_gguf_path()
+    if not Path(gguf_path).exists():
+        raise FileNotFoundError(f"{gguf_path} does not exist")
     try:
-        gguf_path = a.gguf or smollm2_gguf_path()
-        if not Path(gguf_path).exists():
-            raise FileNotFoundError(f"{gguf_path} does not exist")
         out = convert(Path(gguf_path), a.out, getattr(torch, a.dtype))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except KeyError as e:
+        raise ValueError(f"{gguf_path} lacks the tensor or field {e} of a llama-architecture GGUF")
     print(f"wrote {out}", file=sys.stderr)
 
 

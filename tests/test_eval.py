@@ -134,7 +134,7 @@ def test_eval_writes_results_and_skips(tmp_path, smol_dir, capsys, monkeypatch):
     assert calls == {"setup": 1, "compile": 1}  # once per run, not per task or sample
     cfg = tmp_path / "SmolLM2-135M-Instruct" / "recent_global__max_cache_length=0.5"
     d = cfg / "niah_single_1-len192-gen3-n2"
-    assert sorted(p.name for p in d.iterdir()) == ["args.json", "metrics.json", "predictions.jsonl"]
+    assert sorted(p.name for p in d.iterdir()) == [".lock", "args.json", "metrics.json", "predictions.jsonl"]
     preds = [json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
     assert [p["id"] for p in preds] == [0, 1] and all(p["prompt_tokens"] <= 192 for p in preds)
     assert all(p["stats"]["new_tokens"] <= 3 for p in preds)

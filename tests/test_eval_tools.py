@@ -60,15 +60,16 @@ def test_real_cpu_run_resumes(tmp_path, smol_dir):
     state = tmp_path / "state"
     r = run("parallelize_evals.py", "--command_file", f, "--num_gpus", "0", "--workers", "2", "--state_dir", state)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 ran, 0 skipped" in r.stdout
+    assert "2 ran ok, 0 failed, 0 skipped" in r.stdout
     assert len(list((state / "done").glob("*.json"))) == 2
     assert sorted(p.name for p in (state / "logs").iterdir()) == ["worker0.log", "worker1.log"]
+    assert (state / ".lock").exists()
     logs = "".join(p.read_text() for p in (state / "logs").iterdir())
     assert logs.count("=== exit 0") == 2 and "--num_threads 1" not in logs  # the flag is added, not logged
     metrics = sorted(out.rglob("metrics.json"))
     assert [m.parent.parent.name for m in metrics] == ["full", "recent_global__max_cache_length=0.5"]
     r = run("parallelize_evals.py", "--command_file", f, "--num_gpus", "0", "--workers", "2", "--state_dir", state)
-    assert r.returncode == 0 and "0 ran, 2 skipped" in r.stdout
+    assert r.returncode == 0 and "0 ran ok, 0 failed, 2 skipped" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,9 +119,12 @@ def test_compare_table_and_plot(fake_results, tmp_path):
 
 
 def test_compare_errors(tmp_path, capsys):
-    assert cs.main([str(tmp_path / "missing")]) == 2
-    assert "no such results folder" in capsys.readouterr().err
-    assert cs.main([str(tmp_path)]) == 2
+    for args, needle in (([str(tmp_path / "missing")], "no such results folder"),
+                         ([str(tmp_path)], "no usable metrics.json")):
+        with pytest.raises(SystemExit) as e:
+            cs.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
