@@ -285,6 +285,7 @@ def run(a):
     device = cli.resolve_device(a.device)
     dtype = cli.resolve_dtype(a.dtype, device)
     weights = cli.resolve_checkpoint(a.checkpoint_path)
+    cli.model_config(weights)  # a damaged config.json is one line naming it, before anything reads it
     batch = a.batch_size or len(texts)
     if batch < len(texts):
         raise UserError(f"{len(texts)} prompts do not fit --batch_size {batch} (give at most {batch} prompts)")
@@ -368,6 +369,7 @@ def run(a):
         out = records[0] if a.num_samples == 1 else {"samples": records}
         print(json.dumps({**out, "prompt_token_ids": prompt, "device": device, "dtype": str(dtype).split(".")[-1],
                           "model": cfg.name}))
+    sys.stdout.flush()  # a closed pipe surfaces here, inside run_main, not at the interpreter's exit
 
 
 def warm_up(a, run_once) -> float:

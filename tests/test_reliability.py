@@ -1,4 +1,4 @@
-"""Bad input and faults, across the writers and sweep tools: eval.py, parallelize_evals.py, compare_strategies.py,
+"""Bad input and faults, across the entry points: generate.py, eval.py, parallelize_evals.py, compare_strategies.py,
 quantize.py, perplexity.py, visualize_eviction.py, benchmark.py.
 
 Each case of the table asserts the exit code, exactly one stderr line, starting with `error:` (or `interrupted`),
@@ -30,6 +30,7 @@ import benchmark
 import cli
 import compare_strategies
 import eval as ev
+import generate
 import parallelize_evals
 import perplexity
 import quantize
@@ -39,7 +40,7 @@ from model import ModelArgs
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(name="tiny-rel", vocab_size=320, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128,
             block_size=256)
-MAINS = {"eval": ev.main, "parallelize_evals": parallelize_evals.main, "compare_strategies": compare_strategies.main,
+MAINS = {"generate": generate.main, "eval": ev.main, "parallelize_evals": parallelize_evals.main, "compare_strategies": compare_strategies.main,
          "quantize": quantize.main, "perplexity": perplexity.main, "visualize_eviction": visualize_eviction.main,
          "benchmark": benchmark.main}
 TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 40)  # ~3000 byte tokens
@@ -235,6 +236,12 @@ class Case:
     progress: bool = False  # fails after its work: the run's progress lines precede the one error line
 
 
+def _gen(ctx, *argv, prompt=True, ckpt=None) -> list:
+    """generate.py on the tiny checkpoint (a short prompt unless prompt=False), plus argv."""
+    return ["--checkpoint_path", ckpt or ctx.tiny / "model.pth", "--max_new_tokens", "2", "--no_chat",
+            *(["--prompt", "hello there"] if prompt else []), *argv]
+
+
 def _existing(ctx, name, data=b"old results\n") -> Path:
     f = ctx.tmp / "keep" / name
     f.parent.mkdir(parents=True, exist_ok=True)
@@ -400,6 +407,36 @@ CASES = [
          "Read-only file system", setup=lambda c: _existing(c, "q.pth"), fault=lambda c: read_only(c.mp, c.tmp / "keep")),
     Case("q-rename-fails", "quantize", lambda c: _quant(c, "--mode", "int8", "--out", c.tmp / "keep" / "q.pth"), 1,
          "q.pth", setup=lambda c: _existing(c, "q.pth"), fault=lambda c: fail_rename(c.mp, "q.pth")),
+    # ---- generate.py -------------------------------------------------------------------------------------------------
+    Case("gen-empty-prompt", "generate", lambda c: _gen(c, "--prompt", "  "), 2, "the prompt is empty"),
+    Case("gen-prompt-and-prompt_file", "generate", lambda c: _gen(c, "--prompt_file", c.text_file()), 2, "not both"),
+    Case("gen-prompt_file-missing", "generate", lambda c: _gen(c, prompt=False, *["--prompt_file", c.tmp / "x.txt"]),
+         2, "cannot read prompt file"),
+    Case("gen-prompt_file-is-a-folder", "generate", lambda c: _gen(c, prompt=False, *["--prompt_file", c.tmp]), 2,
+         "cannot read prompt file"),
+    Case("gen-temperature-nan", "generate", lambda c: _gen(c, "--temperature", "nan"), 2, "finite"),
+    Case("gen-top_p-0", "generate", lambda c: _gen(c, "--top_p", "0"), 2, "--top_p"),
+    Case("gen-max_new_tokens-0", "generate", lambda c: _gen(c, "--max_new_tokens", "0"), 2, "--max_new_tokens"),
+    Case("gen-batch_size-0", "generate", lambda c: _gen(c, "--batch_size", "0"), 2, "--batch_size"),
+    Case("gen-max_seq_length-past-context", "generate", lambda c: _gen(c, "--max_seq_length", "1000"), 2,
+         "model's context of 256"),
+    Case("gen-prompt-past-context", "generate", lambda c: _gen(c, "--prompt", "x" * 400), 2, "does not fit"),
+    Case("gen-unknown-strategy", "generate", lambda c: _gen(c, "--cache_strategy", "nope"), 2, "nope"),
+    Case("gen-max_cache_length-inf", "generate", lambda c: _gen(c, "--max_cache_length", "inf"), 2,
+         "--max_cache_length"),
+    Case("gen-pooling_kernel-0", "generate", lambda c: _gen(c, "--pooling_kernel", "0"), 2, "--pooling_kernel"),
+    Case("gen-cache_group_size-0", "generate", lambda c: _gen(c, "--cache_group_size", "0"), 2, "--cache_group_size"),
+    Case("gen-unknown-cache_config", "generate", lambda c: _gen(c, "--cache_config", "nope"), 2, "shipped configs"),
+    Case("gen-feed-and-chunk", "generate", lambda c: _gen(c, "--feed_long_prompts", "--prefill_chunk", "8"), 2,
+         "--feed_long_prompts"),
+    Case("gen-speculate-without-draft", "generate", lambda c: _gen(c, "--speculate_k", "2"), 2,
+         "--draft_checkpoint_path"),
+    Case("gen-bad-device", "generate", lambda c: _gen(c, "--device", "tpu"), 2, "--device"),
+    Case("gen-missing-checkpoint", "generate", lambda c: _gen(c, ckpt=c.tmp / "no" / "model.pth"), 2, "not found"),
+    Case("gen-truncated-checkpoint", "generate", lambda c: _gen(c, ckpt=c.tmp / "bad" / "model.pth"), 2,
+         "not a readable checkpoint", setup=lambda c: damaged_copy(c.tiny, c.tmp / "bad", "truncated")),
+    Case("gen-corrupt-config", "generate", lambda c: _gen(c, ckpt=c.tmp / "bad" / "model.pth"), 2, "config.json",
+         setup=lambda c: damaged_copy(c.tiny, c.tmp / "bad", "config")),
     # ---- perplexity.py -----------------------------------------------------------------------------------------------
     Case("ppl-context-window", "perplexity", lambda c: _ppl_text(c, "300"), 2, "past the model's context of 256"),
     Case("ppl-context-window-absolute-positions", "perplexity",
