@@ -135,8 +135,23 @@ class Int8Linear(nn.Module):
             self.bias = None
         self.kernel = "int8 dequant-in-linear"
 
+    @property
+    def cpu_kernel(self) -> bool:
+        """aten._weight_int8pack_mm on the CPU: only for shapes it handles (measured with torch 2.13: widths that
+        are not multiples of 16 give wrong results or crash), the real models' multiples of 32 and 8."""
+        return (HAS_INT8_CPU and self.weight.device.type == "cpu" and self.in_features % 32 == 0
+                and self.out_features % 8 == 0)
+
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if self.cpu_kernel and x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_ROWS:
+            # CPU decode: aten's int8-weight GEMV reads one byte per weight (the cast below would write and read the
+            # dequantized weight every step); it wants bf16 activations (fp32 ones take a slow path), so x is
+            # rounded to bf16 for the product and the result cast back.
+            shape = x.shape
+            y = int8_mm_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scales.to(torch.bfloat16))
+            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self):
@@ -216,6 +231,21 @@ def dense_weight(lin: nn.Module) -> Tensor:
             raise ValueError("the int4 CUDA layout does not keep the nibbles a dense weight is read from")
         return dequantize_int4(unpack_nibbles(nibbles), lin.scales_and_zeros, lin.groupsize)[:, :lin.in_features]
     raise ValueError(f"no dense weight for a {type(lin).__name__}")
+
+
+HAS_INT8_CPU = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+@torch.library.custom_op("kvcompile::int8_mm_cpu", mutates_args=())
+def int8_mm_cpu(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """aten._weight_int8pack_mm (CPU: x [M, K] bf16 times int8 weight [N, K] with per-row scales) behind an opaque
+    custom op, for the same Inductor lowering failure as int4_mm_cpu below."""
+    return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
+
+
+@int8_mm_cpu.register_fake
+def _(x, weight, scales):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("kvcompile::int4_mm_cpu", mutates_args=())
@@ -368,7 +398,9 @@ def describe(model) -> str:
     kinds = {}
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
-            kinds[m.kernel] = kinds.get(m.kernel, 0) + 1
+            kernel = "int8 aten._weight_int8pack_mm (CPU decode, bf16 activations)" \
+                if isinstance(m, Int8Linear) and m.cpu_kernel else m.kernel
+            kinds[kernel] = kinds.get(kernel, 0) + 1
     return "; ".join(f"{k} x{n}" for k, n in kinds.items()) or "none"
 
 

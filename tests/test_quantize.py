@@ -170,6 +170,21 @@ def test_int8_arithmetic():
     assert torch.allclose(lin(torch.eye(3)), (q.float() * s[:, None]).t())
 
 
+def test_int8_cpu_decode_kernel_equals_the_dequantized_matmul():
+    """The CPU decode path (aten's int8-weight GEMV, bf16 activations) against the fp32 dequantized product: within
+    bf16's rounding; prefill-sized inputs keep the exact dequantizing path."""
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    q, s = quantize.quantize_int8(w)
+    lin = quantize.Int8Linear(96, 64)
+    lin.weight, lin.scales = q, s
+    assert lin.cpu_kernel
+    ref = lambda x: x @ (q.float() * s[:, None]).t()  # noqa: E731
+    x1 = torch.randn(1, 96, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(lin(x1), ref(x1), rtol=2e-2, atol=2e-2 * float(ref(x1).abs().max()))
+    x16 = torch.randn(16, 96, generator=torch.Generator().manual_seed(2))  # more rows than a decode step: exact path
+    assert torch.allclose(lin(x16), ref(x16), atol=1e-4)
+
+
 def test_nibble_packing_is_high_first():
     codes = torch.tensor([[1, 2, 15, 0]], dtype=torch.int32)
     packed = quantize.pack_nibbles(codes)
