@@ -287,8 +287,8 @@ def build_parser():
                         "(N = 32/64/128/256); a checkpoint's model_<format>.pth is used when present, else the "
                         "model is quantized in memory")
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[1],
-                   help="sequences decoded together (different random prompts of the context length, each in its "
-                        "own caches); decode tok/s then counts all sequences")
+                   help="sequences decoded together (different random prompts of the context length, one batched "
+                        "cache per layer); decode tok/s then counts all sequences")
     p.add_argument("--num_runs", type=int, default=5, help="timed runs per configuration (medians reported)")
     p.add_argument("--warmup_runs", type=int, default=1, help="untimed runs after the compile warm-up")
     p.add_argument("--compare_hf", action="store_true",

@@ -21,6 +21,7 @@ slot index, prompts longer than the budget are compressed (`prompt_keep`; the ba
 positions and the debug shadow once), and statistics are kept. Semantics: docs/algorithms.md; the step-by-step
 references: tests/reference_policies.py. The registry of policies and the command-line set-up: policies.py.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -242,29 +243,32 @@ class AttentionLossMeter(nn.Module):
         super().__init__()
         self.register_buffer("shadow_k", torch.zeros(batch_size, n_kv_heads, max_seq_length, head_dim, dtype=dtype),
                              persistent=False)
-        # shape (1,): a compiled in-place add into a 0-dim float64 buffer was silently dropped (torch 2.13)
-        self.register_buffer("lost_mass", torch.zeros(1, dtype=torch.float64), persistent=False)
-        self.register_buffer("lost_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        # per sequence, shape [B] (a compiled in-place add into a 0-dim float64 buffer was silently dropped, 2.13)
+        self.register_buffer("lost_mass", torch.zeros(batch_size, dtype=torch.float64), persistent=False)
+        self.register_buffer("lost_steps", torch.zeros(batch_size, dtype=torch.long), persistent=False)
 
     def prefill(self, k: Tensor):
         self.shadow_k[:, :, :k.shape[2]] = k
 
     def observe(self, input_pos: Tensor, k: Tensor, q: Tensor, pos: Tensor):
-        """One decode token (k [B, Hkv, 1, D], q [B, H, 1, D], rotated) against the cache's positions pos."""
-        self.shadow_k.index_copy_(2, input_pos, k)
+        """One decode token (k [B, Hkv, 1, D], q [B, H, 1, D], rotated; input_pos [1] or [B, 1]) against the cache's
+        positions pos."""
         B, H, _, D = q.shape
         Hkv = self.shadow_k.shape[1]
+        at = input_pos.view(-1, 1, 1, 1)  # [B or 1, 1, 1, 1]
+        self.shadow_k.scatter_(2, at.expand(B, Hkv, 1, D), k.to(self.shadow_k.dtype))
         qf = q.float().reshape(B, Hkv, H // Hkv, D)
         scores = qf @ self.shadow_k.float().transpose(-1, -2) / math.sqrt(D)  # [B, Hkv, G, S]
         S = scores.shape[-1]
-        visible = torch.arange(S, device=q.device) <= input_pos
+        visible = torch.arange(S, device=q.device) <= at
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         held = torch.zeros(B, Hkv, S + 1, device=q.device).scatter_(2, pos.clamp(min=-1) + 1, 1.0)[..., 1:]
-        self.lost_mass.add_((probs * (1 - held).unsqueeze(2)).sum(-1).mean().double())
+        self.lost_mass.add_((probs * (1 - held).unsqueeze(2)).sum(-1).mean((1, 2)).double())
         self.lost_steps.add_(1)
 
     def value(self) -> float:
-        return float(self.lost_mass / self.lost_steps.clamp(min=1))
+        """The mean lost attention mass per step (the mean over the sequences of a batch)."""
+        return float((self.lost_mass / self.lost_steps.clamp(min=1)).mean())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,6 +284,7 @@ class KVCache(nn.Module):
     own_prompt_rule = False  # True: the policy keeps the prompt its own way (no prompt compressor, no keep-set rule)
     never_evicts = False
     rope_margin = 0  # RoPE table positions needed beyond max_seq_length
+    batchable = True  # one instance holds a batch of sequences (every per-sequence state has the batch first)
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype, *,
                  max_seq_length: int = None, layer_idx: int = 0, n_layers: int = 1, n_heads: int = None, **kw):
@@ -312,7 +317,7 @@ class KVCache(nn.Module):
         self.store = KVStore(shape, dtype) if not self.cache_bits else \
             QuantizedKVStore(shape, dtype, self.cache_bits, engine["cache_group_size"])
         self.register_buffer("pos", torch.full(shape[:3], -1, dtype=torch.long), persistent=False)
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("seen", torch.zeros(batch_size, dtype=torch.long), persistent=False)  # per sequence
         self.loss_meter = AttentionLossMeter(batch_size, n_kv_heads, self.max_seq_length, head_dim, dtype) \
             if self.debug_attention_loss else None
         self.out_proj = None  # criticalkv: the output projection per query head [H, D, dim] (set_output_projection)
@@ -330,8 +335,37 @@ class KVCache(nn.Module):
                              "--cache_strategy lsh")
 
     def policy_buffers(self):
-        """Names of per-slot policy state (scores, hashes) that is reset with the cache."""
+        """Names of per-sequence policy state (scores, hashes, counters; batch first) that is reset with the cache."""
         return []
+
+    def sequence_buffers(self):
+        """(module, name) of every buffer that holds one entry per sequence (batch first): K/V, positions, counters,
+        policy state, the debug shadow. Shared tables (LSH projections, popcounts) are not among them."""
+        own = ["pos", "seen"] + (["slot_vnorm"] if self.keep_set == "criticalkv" else []) + self.policy_buffers()
+        out = [(self, name) for name in own]
+        for mod in (self.store, self.loss_meter):
+            if mod is not None:
+                out += [(mod, name) for name in mod._buffers]
+        return out
+
+    @contextlib.contextmanager
+    def row_view(self, row: int):
+        """Inside, this cache is sequence `row`'s alone: each per-sequence buffer is replaced by its slice
+        [row:row + 1], a view, so whatever the cache writes lands in that sequence's part of the batch. A cache that
+        is not batchable holds one sequence (a SequenceBatch holds several of them): its row 0 is itself."""
+        if not self.batchable:
+            if row != 0:
+                raise ValueError(f"{type(self).__name__} holds one sequence, not sequence {row}")
+            yield self
+            return
+        saved = [(mod, name, mod._buffers[name]) for mod, name in self.sequence_buffers()]
+        try:
+            for mod, name, buf in saved:
+                mod._buffers[name] = buf[row:row + 1]
+            yield self
+        finally:
+            for mod, name, buf in saved:
+                mod._buffers[name] = buf
 
     def reset(self):
         for buf in self.store.buffers():
@@ -361,21 +395,32 @@ class KVCache(nn.Module):
         return [self]
 
     def rope(self, x: Tensor, input_pos: Tensor) -> Tensor:
-        """x [B, H, T, D] rotated at positions input_pos [T]; unchanged without tables (already positioned)."""
+        """x [B, H, T, D] rotated at positions input_pos ([T], or [B, T]: each sequence's own); unchanged without
+        tables (already positioned)."""
         if self.rope_cos is None:
             return x
-        return apply_rope(x, self.rope_cos[input_pos], self.rope_sin[input_pos])
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        if input_pos.dim() == 2:  # [B, T, D] -> [B, 1, T, D]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return apply_rope(x, cos, sin)
 
     # -- prefill -------------------------------------------------------------------------------------------
     def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None,
                 context_len: int = None) -> Tensor:
         """The prompt: un-rotated k, v [B, Hkv, T, D] and q [B, H, T, D] at positions input_pos = 0..T-1. Returns
         its causal self-attention y [B, H, T, D]; the cache then keeps what its policy keeps.
-        row: which sequence of a batch of caches (a single cache holds one; None or 0).
+        row: which sequence of the batch this prompt is (each is prefilled alone, no padding; None: a cache that
+        holds one sequence).
         context_len: only the first context_len tokens are the prompt; the rest is a scoring extension that the
         cache reads but does not keep (KVzip's context reconstruction)."""
-        if row not in (None, 0):
-            raise ValueError(f"a single cache has no sequence {row}")
+        batch = self.pos.shape[0]
+        if row is None and batch > 1:
+            raise ValueError("a batch of caches is prefilled one sequence at a time: give row")
+        if row is not None and not 0 <= row < batch:
+            raise ValueError(f"this cache holds {batch} sequence(s); there is no sequence {row}")
+        if batch > 1:
+            return self.prefill_row(row, input_pos, k, v, q, context_len)
+        self.observe_prompt_queries(input_pos, q, context_len)
         k_rot, q_rot = self.rope(k, input_pos), self.rope(q, input_pos)
         if int(self.seen) > 0:  # the cache already holds the prompt's earlier chunks
             return self.prefill_chunk(input_pos, k_rot, v, q_rot)
@@ -389,6 +434,14 @@ class KVCache(nn.Module):
             self.loss_meter.prefill(k_rot)
         self.after_prefill(k_rot, q_rot, keep)
         return y
+
+    def observe_prompt_queries(self, input_pos: Tensor, q: Tensor, context_len: int = None):
+        """The prompt's (or a prompt chunk's) un-rotated queries, before anything is scored (expected_attention)."""
+
+    @torch.compiler.disable  # the buffers are swapped for views of one sequence's rows: not traced
+    def prefill_row(self, row, input_pos, k, v, q, context_len):
+        with self.row_view(row):
+            return self.prefill(input_pos, k, v, q, context_len=context_len)
 
     def prompt_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Causal self-attention of the prompt (rotated q, k): the fused kernel, or, for policies that learn from the
@@ -520,7 +573,8 @@ class KVCache(nn.Module):
         return self.store.attend(q, k, v, mask, self.needs_attention)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
-        """Insert one token (un-rotated k, v [B, Hkv, 1, D], q [B, H, 1, D] at position input_pos [1]).
+        """Insert one token (un-rotated k, v [B, Hkv, 1, D], q [B, H, 1, D] at position input_pos: [1], or [B, 1]
+        each sequence's own).
 
         Returns q, k, v, mask for attention (q and k rotated by rank in position_mode "cache")."""
         k_rot, q_rot = self.rope(k, input_pos), self.rope(q, input_pos)
@@ -780,7 +834,7 @@ class HeavyHitterCache(KVCache):
         shape = (batch_size, n_kv_heads, self.kv_budget, W)
         self.register_buffer("attn_hist", torch.zeros(shape), persistent=False)  # per-step values (a ring of W)
         self.register_buffer("attn_vis", torch.zeros(shape), persistent=False)  # 1 where the slot was visible
-        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("step", torch.zeros(batch_size, dtype=torch.long), persistent=False)  # per sequence
 
     def policy_buffers(self):
         return ["attn_hist", "attn_vis", "step"]
@@ -794,7 +848,7 @@ class HeavyHitterCache(KVCache):
         """Append one step's values [B, Hkv, C] for the slots visible at that step."""
         values, visible = values * visible, visible.float()
         if self.history_window_size:
-            col = (self.step % self.history_window_size).view(1, 1, 1, 1).expand(*values.shape, 1)
+            col = (self.step % self.history_window_size).view(-1, 1, 1, 1).expand(*values.shape, 1)
             self.attn_hist.scatter_(3, col, values.unsqueeze(-1))
             self.attn_vis.scatter_(3, col, visible.unsqueeze(-1))
         else:
@@ -1083,7 +1137,7 @@ class ExpectedAttentionCache(KVCache):
         H = self.n_heads
         self.register_buffer("q_mean", torch.zeros(batch_size, H, head_dim), persistent=False)
         self.register_buffer("q_cov", torch.zeros(batch_size, H, head_dim, head_dim), persistent=False)
-        self.register_buffer("q_count", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("q_count", torch.zeros(batch_size, dtype=torch.long), persistent=False)
 
     def policy_buffers(self):
         return ["q_mean", "q_cov", "q_count"]
@@ -1095,7 +1149,7 @@ class ExpectedAttentionCache(KVCache):
                              f"--ea_future_positions); got {cos.shape[0]}: install caches with policies.install")
         super().set_rope(cos, sin)
 
-    def prefill(self, input_pos, k, v, q, row=None, context_len=None):
+    def observe_prompt_queries(self, input_pos, q, context_len=None):
         """The query statistics come first (the prompt compressor scores with them): the pre-RoPE prompt queries
         after the sinks."""
         if q.shape[1] != self.q_mean.shape[1]:
@@ -1120,32 +1174,33 @@ class ExpectedAttentionCache(KVCache):
             self.q_count.fill_(n)
         elif first == 0:
             self.q_count.fill_(0)
-        return super().prefill(input_pos, k, v, q, row=row, context_len=context_len)
 
     def update(self, input_pos, k, v, q):
         """The new query updates the statistics before the eviction is scored."""
-        n = self.q_count + 1
-        a = 1.0 / n.clamp(max=self.ea_query_window).double()
+        n = self.q_count + 1  # [B]
+        a = (1.0 / n.clamp(max=self.ea_query_window).double()).float().view(-1, 1, 1)
         delta = q[:, :, 0].float() - self.q_mean
-        self.q_mean.add_(a.float() * delta)
+        self.q_mean.add_(a * delta)
         outer = delta.unsqueeze(-1) * delta.unsqueeze(-2)
-        self.q_cov.copy_((1 - a).float() * (self.q_cov + a.float() * outer))
+        a = a.unsqueeze(-1)
+        self.q_cov.copy_((1 - a) * (self.q_cov + a * outer))
         self.q_count.copy_(n)
         return super().update(input_pos, k, v, q)
 
     def future_rotation(self, first) -> Tensor:
-        """The mean RoPE rotation matrix over positions first .. first + n - 1 (first: int or 0-dim tensor) [D, D]:
-        R(p) x = cos(p) * x + sin(p) * rotate_half(x), so the mean is diag(mean cos) + diag(mean sin) P."""
+        """The mean RoPE rotation matrices over positions first .. first + n - 1 (first: an int, or a tensor with
+        one entry per sequence) [B or 1, D, D]: R(p) x = cos(p) * x + sin(p) * rotate_half(x), so the mean is
+        diag(mean cos) + diag(mean sin) P."""
         n, D = self.ea_future_positions, self.head_dim
         cs, ss = rope_prefix_sums(self.rope_cos, self.rope_sin)
-        first = torch.as_tensor(first, device=cs.device).view(1)
-        c = (cs.index_select(0, first + n) - cs.index_select(0, first))[0] / n
-        s = (ss.index_select(0, first + n) - ss.index_select(0, first))[0] / n
+        first = torch.as_tensor(first, device=cs.device).view(-1)
+        c = (cs.index_select(0, first + n) - cs.index_select(0, first)) / n  # [B, D]
+        s = (ss.index_select(0, first + n) - ss.index_select(0, first)) / n
         half = D // 2
         P = torch.zeros(D, D, dtype=torch.float64, device=cs.device)
         P[half:, :half] = torch.eye(half, dtype=torch.float64, device=cs.device)
         P[:half, half:] = -torch.eye(half, dtype=torch.float64, device=cs.device)
-        return (torch.diag(c) + s.unsqueeze(1) * P).float()
+        return (torch.diag_embed(c) + s.unsqueeze(-1) * P).float()
 
     def expected_scores(self, keys: Tensor, values: Tensor, valid: Tensor, first) -> Tensor:
         """keys, values [B, Hkv, N, D] (rotated keys), valid [B, Hkv, N] (the candidates of the softmax) ->
@@ -1153,12 +1208,12 @@ class ExpectedAttentionCache(KVCache):
         B, Hkv, N, D = keys.shape
         H = self.q_mean.shape[1]
         G = H // Hkv
-        R = self.future_rotation(first)
-        mu = (self.q_mean @ R.T).view(B, Hkv, G, D)
+        R = self.future_rotation(first).unsqueeze(1)  # [B or 1, 1, D, D]
+        mu = (self.q_mean.unsqueeze(-2) @ R.transpose(-1, -2)).view(B, Hkv, G, D)
         kf = keys.float()
         logits = torch.einsum("bhnd,bhgd->bhgn", kf, mu) / math.sqrt(D)
         if self.ea_use_covariance:
-            cov = (R @ self.q_cov @ R.T).view(B, Hkv, G, D, D)
+            cov = (R @ self.q_cov @ R.transpose(-1, -2)).view(B, Hkv, G, D, D)
             logits = logits + torch.einsum("bhnd,bhgde,bhne->bhgn", kf, cov, kf) / (2 * D)
         probs = logits.masked_fill(~valid.unsqueeze(2), float("-inf")).softmax(-1).mean(2)
         if self.ea_use_vnorm:
@@ -1170,7 +1225,7 @@ class ExpectedAttentionCache(KVCache):
         values = torch.cat([self.values(), torch.zeros_like(k)], dim=2)  # the new key: in the softmax, never evicted
         pos = torch.cat([self.pos, input_pos.view(-1, 1, 1).expand(k.shape[0], k.shape[1], 1)], dim=2)
         valid = pos >= self.global_tokens
-        return self.expected_scores(keys, values, valid, input_pos.view(-1)[0] + 1)[..., :-1]
+        return self.expected_scores(keys, values, valid, input_pos.view(-1) + 1)[..., :-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1349,11 +1404,13 @@ KEEP_SETS = {"topk": keep_topk, "chunkkv": keep_chunkkv, "criticalkv": keep_crit
 # A batch of sequences, and statistics
 # ---------------------------------------------------------------------------------------------------------------
 class SequenceBatch(nn.Module):
-    """One layer's caches for a batch of sequences: one policy instance per sequence (its own static buffers,
-    positions, counters and statistics), all preallocated once. Prefill fills one sequence (`row`) at a time, so
-    prompts of different lengths need no padding; a decode step inserts and attends each sequence's token in
-    its own cache, at its own position, inside the one compiled step (the linears run once over the batch).
-    Each sequence therefore keeps exactly the positions it keeps when decoded alone, for every policy."""
+    """One layer's caches for a batch of sequences, for policies whose state is not batched (batchable = False:
+    hybrid, lacache, merge_pyramid): one policy instance per sequence (its own static buffers, positions, counters
+    and statistics), all preallocated once. Prefill fills one sequence (`row`) at a time, so prompts of different
+    lengths need no padding; a decode step inserts and attends each sequence's token in its own cache, at its own
+    position (the compiled step unrolls the sequences; the linears run once over the batch). Each sequence
+    therefore keeps exactly the positions it keeps when decoded alone. Batchable policies hold the whole batch in
+    one instance instead (one scoring, one argmin, one scatter and one attention call per step for all sequences)."""
 
     def __init__(self, rows: list):
         super().__init__()
@@ -1365,6 +1422,9 @@ class SequenceBatch(nn.Module):
 
     def sequences(self) -> list:
         return list(self.rows)
+
+    def row_view(self, row: int):
+        return contextlib.nullcontext(self.rows[row])
 
     def reset(self):
         for c in self.rows:
@@ -1399,9 +1459,11 @@ class SequenceBatch(nn.Module):
         return sum(c.kept() for c in self.rows)
 
 
-def sequence_caches(model, row: int) -> list:
-    """Sequence `row`'s cache in every layer."""
-    return [c.sequences()[row] for c in model.caches]
+@contextlib.contextmanager
+def sequence_view(model, row: int):
+    """Inside: sequence `row`'s cache in every layer (its own instance, or a view into a batched cache)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(c.row_view(row)) for c in model.caches]
 
 
 def batch_size(model) -> int:
@@ -1422,14 +1484,22 @@ def cache_stats(model, row: int = None) -> dict:
       kept_kv_bytes        what the kept tokens' K/V occupy in those buffers
       full_kv_cache_bytes  what a full cache of the same tokens would take (K/V in the model's dtype)
     kv_budget_slots: slots per KV head, the mean over layers."""
-    if len(model.caches[0].sequences()) > 1 and row is None:
+    if batch_size(model) > 1 and row is None:
         per_seq = [cache_stats(model, b) for b in range(batch_size(model))]
-        total = {k: sum(s[k] for s in per_seq) for k in ("kv_cache_bytes", "kept_kv_bytes", "full_kv_cache_bytes")}
+        total = {k: sum(s[k] for s in per_seq) for k in ("kept_kv_bytes", "full_kv_cache_bytes")}
         kept, seen = sum(s["kept_tokens"] for s in per_seq), sum(s["seen_tokens"] for s in per_seq)
         return {"batch_size": len(per_seq), "seen_tokens": seen, "kept_tokens": kept,
                 "compression_ratio": kept / seen if seen else 1.0, **total,
+                "kv_cache_bytes": sum(c.nbytes() for c in model.caches),  # shared tables once
                 "kv_budget_slots": per_seq[0]["kv_budget_slots"], "sequences": per_seq}
-    caches = model.caches if row is None else sequence_caches(model, row)
+    if row is None:
+        return layer_stats(model.caches)
+    with sequence_view(model, row) as caches:
+        return layer_stats(caches)
+
+
+def layer_stats(caches: list) -> dict:
+    """cache_stats of one sequence's caches (one per layer)."""
     seen = int(caches[0].seen)
     b, h, _ = caches[0].pos.shape
     d = caches[0].head_dim

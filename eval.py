@@ -84,8 +84,8 @@ def build_parser():
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--batch_size", type=int, default=1,
-                   help="generation samples decoded together (each in its own caches: the same outputs as one at a "
-                        "time under greedy decoding); decode tokens/s then counts the whole batch")
+                   help="generation samples decoded together (one batched cache per layer: the same outputs as one "
+                        "at a time under greedy decoding); decode tokens/s then counts the whole batch")
     g.add_argument("--llm_judge", action="store_true",
                    help="also score free-response tasks with an LLM judge (needs OPENAI_API_KEY; skipped otherwise)")
     g.add_argument("--judge_model", default="gpt-4o-mini")
@@ -613,7 +613,7 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
         if bar:
             bar.close()
         cs = kvcache.cache_stats(model, 0 if a.batch_size > 1 else None)  # per-sequence figures (sequence 0's)
-        first = kvcache.sequence_caches(model, 0)[0]
+        first = model.caches[0].sequences()[0]
         info = {"kv_cache_bytes": kvcache.cache_stats(model)["kv_cache_bytes"], "batch_size": a.batch_size,
                 "full_kv_cache_bytes_at_max_seq_length":
                 a.batch_size * 2 * len(model.caches) * first.pos.shape[1] * max_seq_length * first.head_dim

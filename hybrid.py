@@ -66,6 +66,8 @@ class HybridCache(KVCache):
     min_recovery_frac of the prompt's attention; decode follows it inside the fixed budget (module docstring).
     Heads whose choice is `full` behave like heavy_hitter once the budget is full."""
     own_prompt_rule = True
+    # a batch is a SequenceBatch of single-sequence instances (per-sequence policy choice and token-class tables)
+    batchable = False
     hyperparams = {
         "min_recovery_frac": Param(float, 0.95, "hybrid: a head takes the first candidate policy recovering this "
                                                 "fraction of its prompt attention", above=0, max=1),

@@ -135,6 +135,7 @@ host_ladder_prefill = torch.compiler.disable(ladder_prefill)
 class LaCache(KVCache):
     """LaCache: content-independent ladder of kept tokens, shifted layer by layer (see the module doc)."""
     own_prompt_rule = True
+    batchable = False  # a batch is a SequenceBatch of single-sequence instances (one schedule step counter)
     hyperparams = {
         "span": Param(int, 16, "lacache: ladder span S (layers one kept token covers)", min=1),
         "overlap": Param(int, 0, "lacache: overlap O between adjacent ladder steps (0 <= O < span)", min=0),

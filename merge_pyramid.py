@@ -75,6 +75,7 @@ class MergePyramidCache(KVCache):
     """Merges old tokens pairwise (mean / max / best) once the raw tail exceeds the layer's window W_k;
     sinks are never merged; W_k shrinks (beta > 1) or grows (beta < 1) linearly with the layer."""
     own_prompt_rule = True
+    batchable = False  # a batch is a SequenceBatch of single-sequence instances (merge counters per sequence)
     hyperparams = {
         "initial_local_window": Param(int, 512, "merge_pyramid: raw-tail window W0 of layer 0; layer k of m gets "
                                                 "W0 * (1 + k/m * (1/beta - 1))", min=1),

@@ -323,10 +323,21 @@ def install(model, caches: list, max_seq_length: int, tokenizer=None):
             c.set_token_tables(special, punct)
 
 
+def batch_caches(build, batch_size: int) -> list:
+    """One cache per layer for batch_size sequences, from build(batch) -> one cache per layer: a batchable policy's
+    cache holds the whole batch; another's layer becomes a SequenceBatch of single-sequence caches."""
+    caches = build(batch_size)
+    if batch_size > 1 and not all(c.batchable for c in caches):
+        per_seq = [build(1) for _ in range(batch_size)]
+        caches = [c if c.batchable else SequenceBatch([seq[i] for seq in per_seq]) for i, c in enumerate(caches)]
+    return caches
+
+
 def setup(model, config=None, batch_size: int = 1, prompt_len: int = 0, max_seq_length: int = None, *,
           tokenizer=None, **options) -> list:
     """Builds each layer's cache and installs it in the model. config: a mapping or an argparse Namespace of cache
-    options, updated by keyword options (see settings()). With batch_size > 1 each layer gets a SequenceBatch of
+    options, updated by keyword options (see settings()). With batch_size > 1 a layer whose policy is batchable
+    gets one cache holding the whole batch; the others (hybrid, lacache, merge_pyramid) a SequenceBatch of
     batch_size single-sequence caches (prompt_len: the longest prompt; policies whose buffer depends on it use
     it). tokenizer: for policies that classify tokens (hybrid); without it no token is special or punctuation."""
     if not max_seq_length or max_seq_length < 1:
@@ -335,14 +346,10 @@ def setup(model, config=None, batch_size: int = 1, prompt_len: int = 0, max_seq_
     mc = model.config
     w = model.tok_embeddings.weight
 
-    def build():
-        return build_caches(cfg, mc.n_layer, mc.n_local_heads, mc.head_dim, 1, max_seq_length, w.dtype, w.device,
+    def build(batch):
+        return build_caches(cfg, mc.n_layer, mc.n_local_heads, mc.head_dim, batch, max_seq_length, w.dtype, w.device,
                             prompt_len=prompt_len, n_heads=mc.n_head)
 
-    if batch_size == 1:
-        caches = build()
-    else:
-        per_seq = [build() for _ in range(batch_size)]
-        caches = [SequenceBatch([seq[i] for seq in per_seq]) for i in range(mc.n_layer)]
+    caches = batch_caches(build, batch_size)
     install(model, caches, max_seq_length, tokenizer)
     return caches

@@ -1,9 +1,11 @@
-"""Batched decoding (issue 7): prompts of different lengths decoded together, each sequence in its own caches.
+"""Batched decoding (issues 7, 16): prompts of different lengths decoded together.
 
 One tiny random model carries every registered policy (one layer each, as in tests/test_compile.py) plus the
-score-based ones in position_mode cache. Each sequence of a batch must produce the greedy tokens and keep the
-positions (every layer, every KV head) it produces and keeps when decoded alone; the compiled batched step must
-compile once and keep doing so while sequences finish at different steps.
+score-based ones in position_mode cache, the debug meter, the keep-set rules and int8 storage. A batchable policy's
+layer holds the whole batch in one cache (one scoring and one attention call per step); the others a SequenceBatch.
+Each sequence of a batch must produce the greedy tokens and keep the positions (every layer, every KV head) it
+produces and keeps when decoded alone; the compiled batched step must compile once and keep doing so while
+sequences finish at different steps.
 """
 import pytest
 import torch
@@ -15,36 +17,32 @@ import generate
 import policies
 import runtime
 from model import ModelArgs, random_model
-from tests.test_compile import SCORED, cache_args
+from tests.test_compile import cache_args, layer_groups
 
 PROMPT_LENS = [24, 31, 19]
 NEW = 30
 
 
-def groups():
-    return [(sorted(policies.POLICIES), {}), ([s for s in SCORED if s in policies.POLICIES], {"position_mode": "cache"})]
+def build(cfg, max_seq, batch):
+    """Every group's caches (one per layer) for `batch` sequences, built the way policies.setup builds them."""
+    def one(b):
+        caches = []
+        for _, strategies, extra in layer_groups():
+            caches += policies.build_caches(cache_args(strategies, **extra), len(strategies), cfg.n_local_heads,
+                                            cfg.head_dim, b, max_seq, torch.float32, "cpu",
+                                            prompt_len=max(PROMPT_LENS), n_heads=cfg.n_head)
+        return caches
+    return policies.batch_caches(one, batch)
 
 
-def build(cfg, max_seq):
-    """Every group's caches for one sequence, built the way cache.setup builds them."""
-    caches = []
-    for strategies, extra in groups():
-        caches += policies.build_caches(cache_args(strategies, **extra), len(strategies), cfg.n_local_heads,
-                                        cfg.head_dim, 1, max_seq, torch.float32, "cpu", prompt_len=max(PROMPT_LENS),
-                                        n_heads=cfg.n_head)
-    return caches
-
-
-def install(model, per_seq, max_seq):
-    layers = per_seq[0] if len(per_seq) == 1 else [kvcache.SequenceBatch(list(c)) for c in zip(*per_seq)]
-    policies.install(model, layers, max_seq)
+def layer_names():
+    return [(g, s) for g, strategies, _ in layer_groups() for s in strategies]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    n_layer = sum(len(s) for s, _ in groups())
-    cfg = ModelArgs(vocab_size=256, n_layer=n_layer, n_head=4, n_local_heads=2, dim=64, intermediate_size=128,
-                    block_size=512)
+    cfg = ModelArgs(vocab_size=256, n_layer=len(layer_names()), n_head=4, n_local_heads=2, dim=64,
+                    intermediate_size=128, block_size=512)
     model = random_model(cfg, "cpu", torch.float32, seed=0)
     with torch.no_grad():  # logits far from ties: greedy picks are not decided by rounding noise
         model.output.weight.mul_(20)
@@ -54,8 +52,13 @@ def tiny():
     return model, cfg, prompts, max_seq
 
 
-def positions(caches):
-    return [c.pos.clone() for c in caches]
+def sequence_state(caches, b):
+    """Sequence b's positions, tokens seen and attention loss in every layer."""
+    out = []
+    for c in caches:
+        with c.row_view(b) as r:
+            out.append((r.pos.clone(), int(r.seen), r.loss_meter.value() if r.loss_meter is not None else None))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,48 +66,52 @@ def alone(tiny):
     model, cfg, prompts, max_seq = tiny
     out = []
     for p in prompts:
-        install(model, [build(cfg, max_seq)], max_seq)
+        policies.install(model, build(cfg, max_seq, 1), max_seq)
         tokens, _ = generate.generate(model, p, NEW)
-        out.append((tokens, positions(model.caches), [int(c.seen) for c in model.caches]))
+        out.append((tokens, sequence_state(model.caches, 0)))
     return out
 
 
 @pytest.fixture(scope="module")
 def batched(tiny):
     model, cfg, prompts, max_seq = tiny
-    install(model, [build(cfg, max_seq) for _ in prompts], max_seq)
+    policies.install(model, build(cfg, max_seq, len(prompts)), max_seq)
     tokens, stats = generate.generate_batch(model, prompts, NEW)
     caches = model.caches  # the model gets other caches in other fixtures: keep this run's
     return tokens, stats, caches, kvcache.cache_stats(model)
 
 
-def test_every_policy_is_in_the_batch(tiny, batched):
+def test_batchable_policies_hold_the_batch_in_one_cache(batched):
     _, _, caches, _ = batched
-    names = {type(c.rows[0]).__name__ for c in caches}
-    assert names == {cls.__name__ for cls in policies.POLICIES.values()}
-    assert all(len(c.rows) == len(PROMPT_LENS) for c in caches)
+    assert {type(c.sequences()[0]).__name__ for c in caches} == {c.__name__ for c in policies.POLICIES.values()}
+    for c in caches:
+        if isinstance(c, kvcache.SequenceBatch):
+            assert not c.rows[0].batchable and len(c.rows) == len(PROMPT_LENS)
+        else:
+            assert c.batchable and c.pos.shape[0] == c.seen.shape[0] == len(PROMPT_LENS)
+    unbatched = [not policies.POLICIES[s].batchable for _, s in layer_names()]
+    assert [isinstance(c, kvcache.SequenceBatch) for c in caches] == unbatched and 0 < sum(unbatched) < len(caches)
 
 
 def test_each_sequence_decodes_as_alone(alone, batched):
     tokens, stats, _, _ = batched
     assert stats["new_tokens"] == [NEW] * len(PROMPT_LENS) and stats["prompt_tokens"] == PROMPT_LENS
-    for b, (alone_tokens, _, _) in enumerate(alone):
+    for b, (alone_tokens, _) in enumerate(alone):
         assert tokens[b] == alone_tokens, f"sequence {b}"
     assert len({tuple(t) for t in tokens}) == len(tokens), "different prompts should give different outputs"
 
 
-def test_each_sequence_keeps_the_positions_it_keeps_alone(tiny, alone, batched):
+def test_each_sequence_keeps_the_positions_it_keeps_alone(alone, batched):
     _, _, caches, _ = batched
-    names = [(g, s) for g, (strategies, _) in enumerate(groups()) for s in strategies]
     evicted = set()
-    for b, (_, alone_pos, alone_seen) in enumerate(alone):
-        rows = [c.rows[b] for c in caches]
-        for name, c, a in zip(names, rows, alone_pos):
-            assert torch.equal(c.pos, a), f"sequence {b}, layer {name}: other positions than alone"
-            if (c.pos >= 0).sum(-1).max() < int(c.seen):
+    for b, (_, alone_state) in enumerate(alone):
+        for name, (pos, seen, loss), (a_pos, a_seen, a_loss) in zip(layer_names(), sequence_state(caches, b),
+                                                                    alone_state):
+            assert torch.equal(pos, a_pos), f"sequence {b}, layer {name}: other positions than alone"
+            assert seen == a_seen == PROMPT_LENS[b] + NEW - 1  # the last token is sampled, not yet inserted
+            assert loss == pytest.approx(a_loss, rel=1e-5, abs=1e-9), f"sequence {b}, layer {name}: attention loss"
+            if (pos >= 0).sum(-1).max() < seen:
                 evicted.add(name[1])
-        assert [int(c.seen) for c in rows] == alone_seen
-        assert alone_seen[0] == PROMPT_LENS[b] + NEW - 1  # the last token is sampled, not yet inserted
     assert evicted >= set(policies.POLICIES) - {"full"}, "every policy but full must evict in this run"
 
 
@@ -112,15 +119,24 @@ def test_batch_statistics_are_per_sequence(batched):
     _, _, caches, s = batched
     assert s["batch_size"] == len(PROMPT_LENS)
     assert [x["seen_tokens"] for x in s["sequences"]] == [n + NEW - 1 for n in PROMPT_LENS]
-    assert s["kv_cache_bytes"] == sum(x["kv_cache_bytes"] for x in s["sequences"]) \
-        == sum(c.nbytes() for c in caches)
+    assert s["kv_cache_bytes"] == sum(c.nbytes() for c in caches)
+    assert len({x["kv_cache_bytes"] for x in s["sequences"]}) == 1  # every sequence holds the same buffers
     kept = [x["kept_tokens"] for x in s["sequences"]]
     assert all(0 < k < n + NEW - 1 for k, n in zip(kept, PROMPT_LENS)) and s["kept_tokens"] == sum(kept)
 
 
+def test_a_batched_cache_prefills_one_named_sequence(batched):
+    _, _, caches, _ = batched
+    c = next(c for c in caches if not isinstance(c, kvcache.SequenceBatch))
+    q = k = v = torch.zeros(1, 2, 3, 16)
+    for row, needle in ((None, "give row"), (3, "no sequence 3")):
+        with pytest.raises(ValueError, match=needle):
+            c.prefill(torch.arange(3), k, v, q, row=row)
+
+
 def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
     _, _, prompts, max_seq = tiny
-    prompts = prompts[:2]  # two sequences: the compiled graph unrolls the cache work per sequence
+    prompts = prompts[:2]  # two sequences: the compiled graph unrolls a SequenceBatch's work per sequence
     # A smaller model keeps the compile CI-sized: every policy once.
     strategies = sorted(policies.POLICIES)
     cfg = ModelArgs(vocab_size=256, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=64,
@@ -128,9 +144,9 @@ def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
     m = random_model(cfg, "cpu", torch.float32, seed=1)
     with torch.no_grad():
         m.output.weight.mul_(20)
-    per_seq = [policies.build_caches(cache_args(strategies), len(strategies), 2, 16, 1, max_seq, torch.float32,
-                                     "cpu", prompt_len=max(PROMPT_LENS), n_heads=4) for _ in prompts]
-    install(m, per_seq, max_seq)
+    policies.install(m, policies.batch_caches(
+        lambda b: policies.build_caches(cache_args(strategies), len(strategies), 2, 16, b, max_seq, torch.float32,
+                                        "cpu", prompt_len=max(PROMPT_LENS), n_heads=4), len(prompts)), max_seq)
     free, _ = generate.generate_batch(m, prompts, NEW)
     # A stop token that sequence 0 emits early and sequence 1 not at that step (both may emit it elsewhere).
     eos = {next(t for i, t in enumerate(free[0][3:], 3) if t not in free[1][:i + 1])}
@@ -149,6 +165,34 @@ def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
     # each sequence's statistics are taken at its end, not after the steps it made once finished
     assert [s["seen_tokens"] for s in stats["sequence_cache_stats"]] == \
         [n + len(t) - 1 for n, t in zip(PROMPT_LENS, compiled)]
+
+
+def decode_graph_size(batch: int) -> int:
+    """Nodes of the traced decode step of a model whose every layer is a batchable policy, at this batch size."""
+    strategies = sorted(s for s, cls in policies.POLICIES.items() if cls.batchable)
+    cfg = ModelArgs(vocab_size=64, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=32,
+                    intermediate_size=64, block_size=128)
+    m = random_model(cfg, "cpu", torch.float32, seed=1)
+    policies.install(m, policies.build_caches(cache_args(strategies), len(strategies), 2, 8, batch, 64,
+                                              torch.float32, "cpu", prompt_len=24, n_heads=4), 64)
+    prompts = [list(range(24 - b)) for b in range(batch)]
+    for b, p in enumerate(prompts):
+        runtime.prefill(m, torch.tensor([p]), torch.arange(len(p)), row=b)
+    sizes = []
+
+    def count(gm, example_inputs):
+        sizes.append(len(gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(runtime.decode_one_token, backend=count, fullgraph=True)
+    step(m, torch.zeros(batch, 1, dtype=torch.long), torch.tensor([[len(p)] for p in prompts]))
+    return sizes[0]
+
+
+def test_the_batched_step_does_not_grow_with_the_batch():
+    # one scoring, one argmin, one scatter and one attention call per layer for all sequences
+    assert decode_graph_size(2) == decode_graph_size(5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,7 +221,7 @@ def test_cli_batch_repeats_prompts_and_rejects_bad_sizes(capsys):
     assert [s["prompt_token_ids"] for s in out["sequences"]][0] == out["sequences"][1]["prompt_token_ids"]
     assert out["sequences"][0]["token_ids"] == out["sequences"][1]["token_ids"]
     for args, needle in ((["--prompt", "a", "b", "c", "--batch_size", 2], "do not fit --batch_size 2"),
-                         (["--batch_size", 0], "--batch_size must be >= 1"),
+                         (["--batch_size", 0], "--batch_size: must be >= 1"),
                          (["--prompt", "a", "b", "--feed_long_prompts"], "--feed_long_prompts")):
         with pytest.raises(SystemExit) as e:
             generate.main([str(x) for x in args])

@@ -87,7 +87,7 @@ def runs(tmp_path_factory):
             "prompt": torch.randint(0, 512, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist(),
             "cases": [{"name": "full", "cache": ["--cache_strategy", "full"]},
                       {"name": "policies", "cache": every},
-                      {"name": "int8", "weights": "model_int8.pth", "cache": every},
+                      {"name": "int8", "weights": "model_int8.pth", "cache": every, "int8_cpu_kernel": False},
                       {"name": "sampled", "cache": every, "sampling": {"temperature": 1.0, "top_k": 50}}]}
     (tmp / "spec.json").write_text(json.dumps(spec))
     r = torchrun("tests/tp_driver.py", tmp / "spec.json", tmp / "out")

@@ -4,8 +4,9 @@ in one process (run_cases), and saves what each rank computed.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/tp_driver.py SPEC.json OUT
 
 SPEC.json: {"checkpoint": folder, "prompt": [ids], "new_tokens": n, "cases": [{"name", "weights" (model.pth |
-model_int8.pth), "cache": [cache flags, as on generate.py's command line], "sampling" (optional: sampling.sample's
-temperature / top_k / top_p, with tp.shared_seed's seed; greedy without)}]}. Each rank writes OUT.rank{r}.pt: per
+model_int8.pth), "int8_cpu_kernel" (optional, default true), "cache": [cache flags, as on generate.py's command
+line], "sampling" (optional: sampling.sample's temperature / top_k / top_p, with tp.shared_seed's seed; greedy
+without)}]}. Each rank writes OUT.rank{r}.pt: per
 case the tokens, the logits of every step (prefill's last position, then each decode step), every layer's cached
 positions [1, Hkv / K, C] (this rank's KV heads) and the cache statistics summed over the ranks (tp.reduce_stats).
 """
@@ -24,6 +25,7 @@ import cache as kvcache  # noqa: E402
 import generate  # noqa: E402
 import policies  # noqa: E402
 import tp  # noqa: E402
+import quantize  # noqa: E402
 from quantize import load_model  # noqa: E402
 from sampling import sample  # noqa: E402
 
@@ -64,8 +66,15 @@ def run_cases(spec: dict, d=None) -> dict:
         seed = (tp.shared_seed(None) if d else 0) if sampling else None  # generate.py's rule: one seed, all ranks
         if seed is not None:
             torch.manual_seed(seed)
-        results[case["name"]] = {**run_case(models[w], spec["prompt"], spec["new_tokens"], case["cache"], sampling),
-                                 "seed": seed}
+        # "int8_cpu_kernel": false -> the dequantize-and-matmul path, so sharded and single runs differ only in
+        # fp32 summation order (the kernel rounds each rank's partial product to bf16 before the all-reduce)
+        kernel_rows = quantize.CPU_KERNEL_MAX_ROWS
+        quantize.CPU_KERNEL_MAX_ROWS = kernel_rows if case.get("int8_cpu_kernel", True) else 0
+        try:
+            results[case["name"]] = {**run_case(models[w], spec["prompt"], spec["new_tokens"], case["cache"],
+                                                sampling), "seed": seed}
+        finally:
+            quantize.CPU_KERNEL_MAX_ROWS = kernel_rows
     return results
 
 
