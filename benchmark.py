@@ -9,15 +9,17 @@ transformers on the same weights in the same process.
 
 Measurement (per configuration): torch._dynamo is reset, the caches are built (cache.setup) and the decode
 step compiled (generate.compile_fns); one short warm-up generation triggers compilation (its wall time is
-reported as compile_s, apart from the speed figures); then --warmup_runs untimed and --num_runs timed
-generations of --max_new_tokens tokens each (EOS ignored, greedy, a fixed random prompt of the context length).
+reported as warmup_s, and less its eager prefill as compile_s, apart from the speed figures); then --warmup_runs
+untimed and --num_runs timed generations of --max_new_tokens tokens each (EOS ignored, greedy, a fixed random
+prompt of the context length).
 Time to first token and decode tokens/s are medians over the timed runs. With --compare_hf every round runs
 ours, then each transformers mode, so background load hits both sides alike; the ratio is ours / transformers
 (of the medians; the median of the per-round ratios is reported too).
 
-Bandwidth: bytes read per decode token = weight bytes (every linear's weights and scales, norms, one embedding
-row unless the head is tied to it) + the bytes of all KV-cache buffers (a static cache is read whole every step:
-K/V for every slot, masked or not, positions and policy state). achieved = bytes per token x tokens/s, compared
+Bandwidth: bytes read per decode step (one token per sequence; the table's "MB read/step") = weight bytes (every
+linear's weights and scales, norms, one embedding row unless the head is tied to it) + the bytes of all KV-cache
+buffers (a static cache is read whole every step: K/V for every slot, masked or not, positions and policy state).
+achieved = bytes per step x steps/s, compared
 with the device-to-device copy bandwidth measured in the same process before and after the sweep (a copy of N
 bytes moves 2N: read + write; the larger of the two medians is used, so the ratio errs low).
 
@@ -448,9 +450,11 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None, ba
     print(f"[{label}] warm-up{' (compiling)' if a.compile or a.compile_prefill else ''} ...", file=sys.stderr,
           flush=True)
     t = time.perf_counter()
-    ours(min(8, new))
+    _, warm = ours(min(8, new))
     sync()
-    compile_s = time.perf_counter() - t
+    warmup_s = time.perf_counter() - t
+    # the decode step's compile: the warm-up less its (eager) prefill, which grows with the batch and is no compile
+    compile_s = warmup_s if a.compile_prefill else warmup_s - warm["time_to_first_token_s"]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     ours(new)  # peak memory of our run alone (before this configuration's transformers cache exists)
@@ -496,11 +500,11 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None, ba
     w_read = weight_bytes_per_token(model)
     result = {
         "model": cfg.name, "weights": fmt, "weights_source": source, "dtype": str(model.norm.weight.dtype)[6:],
-        "weights_kernel": __import__("quantize").describe(model), "strategy": strategy,
+        "weights_kernel": quantize.describe(model), "strategy": strategy,
         "budget": budget_label(budget), "kv_budget_slots": [c.kv_budget for c in model.caches],
         "context": ctx, "new_tokens": new, "max_seq_length": max_seq,
         "beyond_trained_context": max_seq > cfg.block_size, "compiled": bool(a.compile),
-        "compiled_prefill": bool(a.compile_prefill), "warmup_s": compile_s,
+        "compiled_prefill": bool(a.compile_prefill), "warmup_s": warmup_s,
         "compile_s": compile_s if a.compile or a.compile_prefill else None,
         "time_to_first_token_s": median(rec["ours"]["ttft"]), "decode_tokens_per_s": tps,
         "time_to_first_token_s_runs": rec["ours"]["ttft"], "decode_tokens_per_s_runs": rec["ours"]["tps"],
@@ -572,7 +576,7 @@ def markdown(meta: dict, results: list) -> str:
         "",
     ]
     head = ["model", "weights", "strategy", "budget", "context", "new", "batch", "compiled", "TTFT ms", "decode tok/s",
-            "compile s", "peak MiB", "KV MiB", "MB read/token", "GB/s", "% of copy BW"]
+            "compile s", "peak MiB", "KV MiB", "MB read/step", "GB/s", "% of copy BW"]
     for m in modes:
         head += [f"HF {m} tok/s", f"ours / HF {m}"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -321,7 +321,8 @@ class KVCache(nn.Module):
         self.loss_meter = AttentionLossMeter(batch_size, n_kv_heads, self.max_seq_length, head_dim, dtype) \
             if self.debug_attention_loss else None
         self.out_proj = None  # criticalkv: the output projection per query head [H, D, dim] (set_output_projection)
-        self.head_group, self.head_world = None, 1  # tensor parallelism: the ranks that hold this layer's other heads
+        self.head_group, self.head_world, self.head_rank = None, 1, 0  # tensor parallelism: the ranks that hold
+        # this layer's other heads, how many, which block is this process's
         self.kvzip_instruction = None  # kvzip: the reconstruction instruction's ids (policies.install, tokenizer)
         if self.prompt_compressor == "kvzip":  # the reconstruction reads the prompt twice: positions up to 2T + k
             self.rope_margin = self.max_seq_length + KVZIP_MAX_INSTRUCTION
@@ -628,9 +629,9 @@ class KVCache(nn.Module):
         token into its first empty slot (a head whose buffer is full first evicts its own lowest-scored slot); when
         the layer then holds more than its budget, the lowest-scored unprotected slots of the whole layer go, from
         heads above their floor (adakv_alpha * budget). Branch-free: static shapes."""
-        B, Hkv, C = self.pos.shape
-        score = self.score(input_pos, k, q).float()
-        pos = self.pos
+        score = self.all_heads(self.score(input_pos, k, q).float())  # under tp: every rank's heads, in order
+        pos = self.all_heads(self.pos)
+        B, Hkv, C = pos.shape
         occupied = pos >= 0
         protected = (pos < self.global_tokens) | (pos >= input_pos.view(-1, 1, 1) - self.recent_window)
         ranked = score.masked_fill(protected, float("inf")).masked_fill(~occupied, float("-inf"))
@@ -645,8 +646,8 @@ class KVCache(nn.Module):
         low = torch.topk(flat, Hkv, dim=-1, largest=False)  # ties: the lowest index (head, then slot)
         evict = (torch.arange(Hkv, device=pos.device) < excess.unsqueeze(-1)) & torch.isfinite(low.values)
         gone = torch.zeros(B, Hkv * C, dtype=torch.bool, device=pos.device).scatter_(1, low.indices, evict)
-        self.pos.masked_fill_(gone.view(B, Hkv, C), -1)
-        return slot
+        self.pos.masked_fill_(self.own_heads(gone.view(B, Hkv, C)), -1)
+        return self.own_heads(slot)
 
     def after_insert(self, slot: Tensor, input_pos: Tensor, k: Tensor, q: Tensor):
         """Per-slot state (scores, hashes) of the new token."""
@@ -655,13 +656,27 @@ class KVCache(nn.Module):
         """probs [B, Hkv, G, 1, C]: this step's attention (policies with needs_attention)."""
 
     # -- across KV heads (tensor parallelism splits them over processes) ------------------------------------
-    def set_head_group(self, group, world: int):
-        """Under torchrun (tp.py) each process holds world-th of the layer's heads; policies that combine heads
-        (tova's layer mean, chunkkv's chunk scores) reduce over this group. adakv's budgets are not split."""
-        if self.keep_set == "adakv":
-            raise ValueError("--keep_set adakv shares one budget across the layer's heads, which tensor parallelism "
-                             "splits over processes: not supported under torchrun")
-        self.head_group, self.head_world = group, world
+    def set_head_group(self, group, world: int, rank: int = 0):
+        """Under torchrun (tp.py) each process holds world-th of the layer's heads (rank r: the r-th block);
+        policies that combine heads (tova's layer mean, chunkkv's chunk scores) reduce over this group, and adakv,
+        whose budget is shared by the layer's heads, decides on every rank's heads gathered (all_heads), each
+        rank applying its own block of the same decision (own_heads)."""
+        self.head_group, self.head_world, self.head_rank = group, world, rank
+
+    def all_heads(self, x: Tensor) -> Tensor:
+        """x [B, Hkv_here, ...] -> [B, Hkv of the layer, ...], the ranks' heads in order (itself without tp)."""
+        if self.head_group is None:
+            return x
+        if x.dtype == torch.bool:  # collectives move numbers
+            return funcol.all_gather_tensor(x.to(torch.uint8).contiguous(), 1, self.head_group).bool()
+        return funcol.all_gather_tensor(x.contiguous(), 1, self.head_group)
+
+    def own_heads(self, x: Tensor) -> Tensor:
+        """This rank's block of a [B, Hkv of the layer, ...] tensor."""
+        if self.head_group is None:
+            return x
+        n = x.shape[1] // self.head_world
+        return x[:, self.head_rank * n:(self.head_rank + 1) * n]
 
     def sum_over_heads(self, x: Tensor) -> Tensor:
         """x [B, Hkv, ...] summed over every KV head of the layer (all ranks' under tensor parallelism), keepdim."""
@@ -1378,7 +1393,9 @@ def keep_adakv(cache, score, protected, v):
     """AdaKV (Feng et al. 2024, arXiv 2407.11550): head-adaptive budgets inside a layer. Each head keeps its top
     max(1, adakv_alpha * budget) positions (a floor, ties to the lower position); then the layer keeps the
     Hkv * budget highest scores over all heads together (protected positions and floors first; ties: lower head,
-    then lower position). A head holds at most kv_budget (= adakv_cap * budget) tokens: its best ones."""
+    then lower position). A head holds at most kv_budget (= adakv_cap * budget) tokens: its best ones. Under
+    tensor parallelism the decision is taken on every rank's heads and each rank keeps its own block."""
+    score, protected = cache.all_heads(score), cache.all_heads(protected)
     B, Hkv, T = score.shape
     C, slots = cache.budget, cache.kv_budget
     n_safe = max(1, int(C * cache.adakv_alpha)) if cache.adakv_alpha > 0 else 0
@@ -1394,7 +1411,7 @@ def keep_adakv(cache, score, protected, v):
     keep = torch.where(chosen.gather(-1, best), best, torch.full_like(best, -1))
     if keep.shape[-1] < slots:
         keep = torch.cat([keep, keep.new_full((B, Hkv, slots - keep.shape[-1]), -1)], dim=-1)
-    return keep_order(keep)
+    return keep_order(cache.own_heads(keep))
 
 
 KEEP_SETS = {"topk": keep_topk, "chunkkv": keep_chunkkv, "criticalkv": keep_criticalkv, "adakv": keep_adakv}

@@ -108,7 +108,11 @@ def budget_label(r) -> str:
 
 
 def fmt_score(r) -> str:
-    return f"{r['score']:.2f}" if r["primary"] == "ppl" else f"{r['score']:.1f}"
+    """The score, with its 95% interval over the samples where the run recorded one (eval.py: not for perplexity)."""
+    if r["primary"] == "ppl":
+        return f"{r['score']:.2f}"
+    ci = r.get("score_ci95")
+    return f"{r['score']:.1f}" + (f" [{ci[0]:.0f}-{ci[1]:.0f}]" if ci else "")
 
 
 def table(rows) -> str:
@@ -167,15 +171,18 @@ def plot(rows, out: Path, title: str = None):
     for ax, task in zip(axes.flat, tasks):
         sub = [r for r in rows if r["task"] == task]
         for i, s in enumerate(names):
-            pts = sorted((r["stats"]["compression_ratio"], r["score"]) for r in sub if labels[r["config"]] == s)
+            pts = sorted((r["stats"]["compression_ratio"], r["score"], r.get("score_ci95") or (r["score"],) * 2)
+                         for r in sub if labels[r["config"]] == s)
             if not pts:
                 continue
-            xs, ys = zip(*pts)
+            xs, ys, cis = zip(*pts)
+            yerr = [[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]]  # 95% interval
             if s == "full":
                 ax.axhline(ys[0], color="k", ls="--", lw=1, label="full")
-                ax.plot(xs, ys, "k*", ms=10)
+                ax.errorbar(xs, ys, yerr=yerr, fmt="k*", ms=10, capsize=3)
             else:
-                ax.plot(xs, ys, marker=markers[i % len(markers)], color=colors[s], label=s, lw=1.5, ms=5)
+                ax.errorbar(xs, ys, yerr=yerr, marker=markers[i % len(markers)], color=colors[s], label=s, lw=1.5,
+                            ms=5, capsize=3, elinewidth=0.8)
         r0 = sub[0]
         ax.set_title(f"{task}", fontsize=10)
         ax.set_xlabel("KV kept / tokens seen")

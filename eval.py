@@ -391,6 +391,9 @@ def aggregate(task, records, cache_info, extra, judge_skipped=False) -> dict:
     stats = {k: v for k, v in stats.items() if v is not None}
     out["stats"] = {**stats, **cache_info, **extra}
     out["score"] = out["metrics"][task.primary]
+    if task.kind != "perplexity":  # 95% interval of the mean primary score over the samples
+        out["score_ci95"] = list(M.mean_interval([r["scores"][task.primary] for r in records
+                                                        if task.primary in r["scores"]]))
     return out
 
 
@@ -629,6 +632,8 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
         line = f"{task.name}: {task.primary} = {m['score']:.2f}"
         if task.kind == "perplexity":
             line += " (" + ", ".join(f"@{k}: {v:.2f}" for k, v in m["ppl_at"].items()) + ")"
+        else:
+            line += " (95% interval {:.1f}-{:.1f}, {} samples)".format(*m["score_ci95"], m["num_samples"])
         st = m["stats"]
         line += (f"; kept {100 * st['compression_ratio']:.1f}% of the KV cache, "
                  f"{st['kv_cache_bytes'] / 2**20:.2f} MiB")

@@ -310,7 +310,7 @@ def install(model, caches: list, max_seq_length: int, tokenizer=None):
             if seq.keep_set == "criticalkv":
                 seq.set_output_projection(dense_weight(layer.attention.wo))
             if sharded:
-                seq.set_head_group(sharded["group"], sharded["world"])
+                seq.set_head_group(sharded["group"], sharded["world"], sharded["rank"])
     if tokenizer is not None:
         instruction = tokenizer.encode(KVZIP_INSTRUCTION)[:KVZIP_MAX_INSTRUCTION]
         for c in every:

@@ -7,7 +7,7 @@
     .venv-kvpress/bin/python scripts/compare_kvpress.py --agreement ENGINE_CONFIG_DIR KVPRESS_CONFIG_DIR
     python compare_strategies.py results/ --out_png quality.png    # both sides in one table and plot
 
-Install (its own venv: kvpress 0.5.5 needs transformers < 5.3, the engine uses a newer one; see /work/shared/PEERS.md):
+Install (its own venv: kvpress 0.5.5 needs transformers < 5.3, the engine uses a newer one):
 
     python3 -m venv .venv-kvpress && .venv-kvpress/bin/pip install torch==2.13.0 \\
         "transformers>=4.56,<5.3" accelerate gguf sentencepiece tiktoken PyYAML tqdm "cachetools<6" "datasets>=2.21" \\

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import scipy.stats
 import torch
 
 import eval as ev
@@ -63,6 +64,18 @@ def test_gsm8k_numeric_answer():
     assert M.gsm8k_exact_match("The answer is 1250. Check: 2 * 625 = 1250", [gold]) == 1.0
     assert M.gsm8k_exact_match("no idea", [gold]) == 0.0
     assert M.gsm8k_extract("#### -3") == -3
+
+
+def test_score_interval_wilson_closed_forms_and_bootstrap():
+    z = 1.959963984540054  # the 95% normal quantile
+    lo, hi = M.mean_interval([1] * 10)  # Wilson at p = 1: [n / (n + z^2), 1]
+    assert lo == pytest.approx(100 * 10 / (10 + z * z)) and hi == pytest.approx(100)
+    lo, hi = M.mean_interval([1] * 5 + [0] * 5)  # p = 1/2: 1/2 -+ z / (2 sqrt(n + z^2))
+    half = z / (2 * (10 + z * z) ** 0.5)
+    assert (lo, hi) == (pytest.approx(100 * (0.5 - half)), pytest.approx(100 * (0.5 + half)))
+    scores = [0.5, 1.0, 0.0, 0.25] * 5  # not 0/1: a bootstrap of the mean, reproducible
+    lo, hi = M.mean_interval(scores)
+    assert lo < 100 * sum(scores) / len(scores) < hi and (lo, hi) == M.mean_interval(scores)
 
 
 def test_mc_accuracy():
@@ -140,6 +153,9 @@ def test_eval_writes_results_and_skips(tmp_path, smol_dir, capsys, monkeypatch):
     assert all(p["stats"]["new_tokens"] <= 3 for p in preds)
     m = json.loads((d / "metrics.json").read_text())
     assert m["primary"] == "string_match_all" and 0 <= m["score"] <= 100
+    hits = [p["scores"]["string_match_all"] for p in preds]  # one needle: each sample scores 0 or 1
+    ci = scipy.stats.binomtest(int(sum(hits)), len(hits)).proportion_ci(0.95, method="wilson")
+    assert m["score_ci95"] == [pytest.approx(100 * ci.low), pytest.approx(100 * ci.high)]
     st = m["stats"]
     assert st["max_seq_length"] == 195 and st["layer_kv_budget"] == [98] * 30  # round(0.5 * 195), same for all
     assert 0.4 < st["compression_ratio"] < 0.6 and st["kv_cache_bytes"] > 0 and st["peak_memory_bytes"] > 0

@@ -75,13 +75,16 @@ def test_real_cpu_run_resumes(tmp_path, smol_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # compare_strategies.py
 # ---------------------------------------------------------------------------------------------------------------
-def fake_metrics(root: Path, config: str, task: str, score: float, kept: float, primary="string_match_all"):
+def fake_metrics(root: Path, config: str, task: str, score: float, kept: float, primary="string_match_all",
+                 ci=None):
     d = root / "SmolLM2-135M-Instruct" / config / f"{task}-len384-gen32-n10"
     d.mkdir(parents=True)
     m = {"task": task, "config": config, "model": "SmolLM2-135M-Instruct", "score": score, "primary": primary,
          "higher_is_better": primary != "ppl", "metrics": {primary: score},
          "stats": {"compression_ratio": kept, "kv_cache_bytes": int(kept * 2**20 * 18),
                    "layer_kv_budget": [int(416 * kept)] * 30, "max_seq_length": 416, "decode_tokens_per_s": 10.0}}
+    if ci:
+        m["score_ci95"] = ci
     (d / "metrics.json").write_text(json.dumps(m))
 
 
@@ -91,7 +94,8 @@ def fake_results(tmp_path):
     fake_metrics(root, "full", "niah_single_2", 100.0, 1.0)
     fake_metrics(root, "full", "ppl", 9.5, 1.0, primary="ppl")
     for cfg, s50, s25 in (("l2", 60.0, 20.0), ("heavy_hitter", 90.0, 70.0)):
-        fake_metrics(root, f"{cfg}__max_cache_length=0.5", "niah_single_2", s50, 0.5)
+        fake_metrics(root, f"{cfg}__max_cache_length=0.5", "niah_single_2", s50, 0.5,
+                     ci=[26.2, 87.8] if cfg == "l2" else None)
         fake_metrics(root, f"{cfg}__max_cache_length=0.25", "niah_single_2", s25, 0.25)
         fake_metrics(root, f"{cfg}__max_cache_length=0.5", "ppl", 11.0, 0.5, primary="ppl")
     fake_metrics(root, "merge_pyramid__initial_local_window=101", "niah_single_2", 40.0, 0.45)
@@ -110,6 +114,7 @@ def test_compare_table_and_plot(fake_results, tmp_path):
     assert "| l2 | 104/416 (25%) | 20.0 (25% kept) |  |" in t
     png = tmp_path / "plot.png"
     md = tmp_path / "doc.md"
+    assert "| l2 | 208/416 (50%) | 60.0 [26-88] (50% kept) |" in t  # the run's 95% interval, where it has one
     md.write_text(f"# Results\n\nintro\n\n{cs.MARK_BEGIN}\nold table\n{cs.MARK_END}\n\nanalysis\n")
     assert cs.main([str(fake_results), "--out_png", str(png), "--update_md", str(md)]) == 0
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"

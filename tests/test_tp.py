@@ -88,6 +88,9 @@ def runs(tmp_path_factory):
             "cases": [{"name": "full", "cache": ["--cache_strategy", "full"]},
                       {"name": "policies", "cache": every},
                       {"name": "int8", "weights": "model_int8.pth", "cache": every, "int8_cpu_kernel": False},
+                      # adakv: one budget shared by the layer's heads, which the ranks split between them
+                      {"name": "adakv", "cache": policy_flags(["l2", "heavy_hitter"])
+                       + ["--keep_set", "adakv"]},
                       {"name": "sampled", "cache": every, "sampling": {"temperature": 1.0, "top_k": 50}}]}
     (tmp / "spec.json").write_text(json.dumps(spec))
     r = torchrun("tests/tp_driver.py", tmp / "spec.json", tmp / "out")
@@ -98,7 +101,7 @@ def runs(tmp_path_factory):
     return single, [s["results"] for s in sharded]
 
 
-@pytest.mark.parametrize("case", ["full", "policies", "int8"])
+@pytest.mark.parametrize("case", ["full", "policies", "int8", "adakv"])
 def test_sharded_run_equals_single_process(runs, case):
     single, ranks = runs
     ref = single[case]
