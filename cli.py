@@ -39,6 +39,15 @@ class UserError(ValueError):
     that raises ValueError for a bad argument is reported the same way."""
 
 
+def check_at_least(a, **minimums):
+    """Each named option of the parsed arguments `a` (None: not given) is at least its minimum; else one UserError
+    naming the flag, the bound and the value."""
+    for name, low in minimums.items():
+        value = getattr(a, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name} must be >= {low}, got {value}")
+
+
 def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint_path", type=Path, default=None,
                    help="model.pth (or its folder); default: SmolLM2-135M-Instruct, prepared offline on first use")

@@ -397,6 +397,16 @@ def aggregate(task, records, cache_info, extra, judge_skipped=False) -> dict:
     return out
 
 
+def save_record(pred_path: Path, records: list, rec: dict, bar, primary: str):
+    """Appends one sample's record to predictions.jsonl (one whole line) and to records, and shows the running
+    mean of the primary score on the progress bar (None: no bar)."""
+    cli.append_line(pred_path, json.dumps(rec))
+    records.append(rec)
+    if bar:
+        bar.update(1)
+        bar.set_postfix_str(f"{primary}={sum(x['scores'][primary] for x in records) / len(records):.3g}")
+
+
 def read_records(path: Path, fingerprint: str) -> list:
     """Finished samples of an interrupted run (same fingerprint), in order, stopping at the first gap (a half-written
     or damaged line, another run's record)."""
@@ -439,8 +449,7 @@ def check_sampling(a):
         raise UserError(f"--top_k must be >= 0 (0: off), got {a.top_k}")
     if not (0 < a.top_p <= 1):
         raise UserError(f"--top_p must be in (0, 1], got {a.top_p}")
-    if a.num_threads is not None and a.num_threads < 1:
-        raise UserError(f"--num_threads must be >= 1, got {a.num_threads}")
+    cli.check_at_least(a, num_threads=1)
 
 
 def main(argv=None):
@@ -451,17 +460,11 @@ def main(argv=None):
 
 
 def run(a, defaults, cache_dests, argv):
-    if a.num_samples < 1:
-        raise UserError(f"--num_samples must be >= 1, got {a.num_samples}")
-    if a.seq_length < 2:
-        raise UserError(f"--seq_length must be >= 2, got {a.seq_length}")
-    if a.max_new_tokens is not None and a.max_new_tokens < 0:
-        raise UserError(f"--max_new_tokens must be >= 0, got {a.max_new_tokens}")
+    cli.check_at_least(a, num_samples=1, seq_length=2, max_new_tokens=0)
     check_sampling(a)
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
-    if a.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {a.batch_size}")
+    cli.check_at_least(a, batch_size=1)
     a.max_cache_length = list(a.max_cache_length)
     tasks = make_tasks(a.tasks, parse_task_opts(a.task_opts))
     if a.batch_size > 1 and any(t.kind != "generate" for t in tasks):
@@ -607,12 +610,7 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
                 rec = {"id": s["id"], "fingerprint": fingerprint, "prompt_tokens": len(s["ids"]), **r,
                        "meta": s.get("meta", {})}
                 rec["cache"].pop("layer_kv_budget", None)
-                cli.append_line(pred_path, json.dumps(rec))
-                records.append(rec)
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix_str(f"{task.primary}="
-                                        f"{sum(x['scores'][task.primary] for x in records) / len(records):.3g}")
+                save_record(pred_path, records, rec, bar, task.primary)
         if bar:
             bar.close()
         cs = kvcache.cache_stats(model, 0 if a.batch_size > 1 else None)  # per-sequence figures (sequence 0's)

@@ -267,6 +267,7 @@ def main(argv=None):
     tp.quiet_other_ranks()  # under torchrun only rank 0 prints (tp.py)
     p = build_parser()
     cli.run_main(lambda: run(policies.parse_args(p, argv)))
+    tp.finish()  # under torchrun: every rank has finished before the process group goes
 
 
 def note(a, text: str):

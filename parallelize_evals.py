@@ -173,10 +173,7 @@ def run(a):
         if not a.tasks or not (a.configs and a.cache_sizes or a.add_full):
             raise UserError("give --command_file, or --tasks with --configs and --cache_sizes (and/or --add_full)")
         cmds = cartesian(a.configs, a.tasks, a.cache_sizes, a.add_full, a.eval_args, python=sys.executable)
-    if a.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {a.workers}")
-    if a.threads_per_worker < 1:
-        raise UserError(f"--threads_per_worker must be >= 1, got {a.threads_per_worker}")
+    cli.check_at_least(a, workers=1, threads_per_worker=1)
     if a.num_gpus is not None and a.num_gpus < 0:
         raise UserError(f"--num_gpus must be >= 0 (0: CPU workers), got {a.num_gpus}")
     visible = visible_gpus() if a.num_gpus is None or a.num_gpus > 0 else 0

@@ -125,18 +125,15 @@ def main(argv=None):
 
 
 def run(a, argv):
-    if a.num_eval_tokens < 2:
-        raise UserError(f"--num_eval_tokens must be >= 2, got {a.num_eval_tokens}")
+    cli.check_at_least(a, num_eval_tokens=2)
     if a.cache_size is not None:
         if any(x == "--max_cache_length" or x.startswith("--max_cache_length=") for x in argv):
             raise UserError("--cache_size is the seed's name for --max_cache_length; give only one of them")
-        if a.cache_size < 1:
-            raise UserError(f"--cache_size must be >= 1, got {a.cache_size}")
+        cli.check_at_least(a, cache_size=1)
         a.max_cache_length = [float(a.cache_size)]
     if any(c < 1 for c in a.ppl_checkpoints):
         raise UserError(f"--ppl_checkpoints must be >= 1, got {a.ppl_checkpoints}")
-    if a.num_threads is not None and a.num_threads < 1:
-        raise UserError(f"--num_threads must be >= 1, got {a.num_threads}")
+    cli.check_at_least(a, num_threads=1)
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     text = read_text(a.text)

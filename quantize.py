@@ -18,7 +18,10 @@ On-disk format (device independent; the device-specific int4 layout is made at l
          to match). Qwen2's q/k/v bias stays as <linear>.bias in full precision.
 
 Matmul kernels:
-  int8  F.linear(x, weight.to(x.dtype)) * scales (gpt-fast; under torch.compile the cast fuses into the GEMV).
+  int8  CPU, up to CPU_KERNEL_MAX_ROWS rows (decode): aten._weight_int8pack_mm (one byte read per weight, bf16
+        activations) behind a custom op (int8_mm_cpu), for the shapes it handles (Int8Linear.cpu_kernel); it costs
+        about what dequantize-and-matmul costs from 16 rows on (a GEMV per row), so longer inputs take that path.
+        Elsewhere: F.linear(x, weight.to(x.dtype)) * scales (gpt-fast; on CUDA the cast fuses into the GEMV).
   int4  CUDA: aten._weight_int4pack_mm (tinygemm, bf16 activations) on aten._convert_weight_to_int4pack's layout;
         CPU: aten._weight_int4pack_mm_for_cpu on aten._convert_weight_to_int4pack_for_cpu's layout (present in
         torch 2.13 CPU; fp32, bf16 and fp16 activations), wrapped in a custom op for torch.compile (see int4_mm_cpu),

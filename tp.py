@@ -130,8 +130,21 @@ def maybe_init_distributed(device: str = "auto", config=None) -> Optional[Dist]:
         raise ValueError(f"--device {device} under torchrun: use auto, cuda (each rank takes cuda:LOCAL_RANK) or cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend, **kw)
-        atexit.register(dist.destroy_process_group)
+        atexit.register(leave_group)  # a run that fails: tear down whatever is left
     return Dist(rank, world, local_rank, device)
+
+
+def leave_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish():
+    """After a run that completed on every rank: wait until all ranks are done, then tear the group down, so that
+    no rank closes its connections while another is still using them. Nothing without torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shared_seed(seed: Optional[int]) -> int:

@@ -146,12 +146,7 @@ def check_outputs(a):
 
 
 def run(a):
-    if a.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
-    if a.seq_length < 2:
-        raise UserError(f"--seq_length must be >= 2, got {a.seq_length}")
-    if a.num_threads is not None and a.num_threads < 1:
-        raise UserError(f"--num_threads must be >= 1, got {a.num_threads}")
+    cli.check_at_least(a, max_new_tokens=1, seq_length=2, num_threads=1)
     if a.prompt is not None and a.prompt_file is not None:
         raise UserError("give the prompt as --prompt TEXT or --prompt_file PATH, not both")
     if a.num_threads:

@@ -552,14 +552,7 @@ def main(argv=None):
 
 
 def check_args(a):
-    if a.num_samples < 1:
-        raise UserError(f"--num_samples must be >= 1, got {a.num_samples}")
-    if a.seq_length < 2:
-        raise UserError(f"--seq_length must be >= 2, got {a.seq_length}")
-    if a.max_new_tokens is not None and a.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
-    if a.num_threads is not None and a.num_threads < 1:
-        raise UserError(f"--num_threads must be >= 1, got {a.num_threads}")
+    cli.check_at_least(a, num_samples=1, seq_length=2, max_new_tokens=1, num_threads=1)
     for r in a.compression_ratio:
         if not 0 <= r < 1:
             raise UserError(f"--compression_ratio is the fraction of the prompt removed, in [0, 1); got {r}")
@@ -715,12 +708,7 @@ def run_config(a, argv, model, press_obj, press, ratio, cfg_name, items, samples
                 rec = {"id": s["id"], "fingerprint": fingerprint, "prompt_tokens": len(s["ids"]), "prediction": pred,
                        "references": s["references"], "scores": task.score(pred, s), "stats": st, "cache": cache,
                        "meta": s.get("meta", {})}
-                cli.append_line(pred_path, json.dumps(rec))
-                records.append(rec)
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix_str(f"{task.primary}="
-                                        f"{sum(x['scores'][task.primary] for x in records) / len(records):.3g}")
+                E.save_record(pred_path, records, rec, bar, task.primary)
             if bar:
                 bar.close()
             layers = [r["cache"].get("layer_prompt_kept_tokens")  # prompt rows kept per layer

@@ -41,8 +41,7 @@ CONFIGS = {
 
 
 def run(a):
-    if a.rounds < 1:
-        raise cli.UserError(f"--rounds must be >= 1, got {a.rounds}")
+    cli.check_at_least(a, rounds=1)
     folder = cli.resolve_checkpoint(a.checkpoint_path).parent
     model = load_model(folder, "cpu", torch.float32)
     tok = get_tokenizer(folder)
