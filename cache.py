@@ -668,8 +668,14 @@ class KVCache(nn.Module):
         if self.head_group is None:
             return x
         if x.dtype == torch.bool:  # collectives move numbers
-            return funcol.all_gather_tensor(x.to(torch.uint8).contiguous(), 1, self.head_group).bool()
-        return funcol.all_gather_tensor(x.contiguous(), 1, self.head_group)
+            return self.all_heads(x.to(torch.uint8)).bool()
+        x = x.contiguous()
+        if torch.compiler.is_compiling():  # traced into the compiled step
+            return funcol.all_gather_tensor(x, 1, self.head_group)
+        # eager: a blocking all-gather into a buffer that lives here (ranks stacked first, then moved to dim 1)
+        out = x.new_empty((self.head_world * x.shape[0], *x.shape[1:]))
+        torch.distributed.all_gather_into_tensor(out, x, group=self.head_group)
+        return out.view(self.head_world, *x.shape).movedim(0, 1).reshape(x.shape[0], -1, *x.shape[2:])
 
     def own_heads(self, x: Tensor) -> Tensor:
         """This rank's block of a [B, Hkv of the layer, ...] tensor."""
