@@ -287,7 +287,8 @@ class KVCache(nn.Module):
     batchable = True  # one instance holds a batch of sequences (every per-sequence state has the batch first)
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype, *,
-                 max_seq_length: int = None, layer_idx: int = 0, n_layers: int = 1, n_heads: int = None, **kw):
+                 max_seq_length: int = None, layer_idx: int = 0, n_layers: int = 1, n_heads: int = None,
+                 decode_room: int = 0, **kw):
         super().__init__()
         self.n_heads = n_heads or n_kv_heads  # query heads (policies that keep per-query-head statistics)
         engine = {name: kw.pop(name) for name in list(kw) if name in CACHE_PARAMS}
@@ -304,12 +305,15 @@ class KVCache(nn.Module):
         for name in ("chunkkv_size", "criticalkv_first_stage", "criticalkv_epsilon", "adakv_alpha"):
             setattr(self, name, engine[name])
         self.rope_cos = self.rope_sin = None  # RoPE tables, from set_rope (the model's)
-        # budget: the tokens a KV head keeps on average; kv_budget: the slots each head's buffer holds (more under
-        # adakv, whose heads hold different numbers of tokens).
-        self.budget = kv_budget
+        # budget: the prompt tokens a KV head keeps on average; prompt_slots: the slots the compressed prompt may
+        # use per head (more under adakv, whose heads hold different numbers of tokens); decode_room: empty slots
+        # after them for the new tokens (--budget_scope prompt: kvpress's layout, the budget binds at prefill only;
+        # empty slots fill before anything is evicted); kv_budget: the slots each head's buffer holds.
+        self.budget, self.decode_room = kv_budget, decode_room
         if self.keep_set == "adakv":
             kv_budget = min(math.ceil(engine["adakv_cap"] * kv_budget), max_seq_length or kv_budget)
-        self.kv_budget = kv_budget
+        self.prompt_slots = kv_budget
+        self.kv_budget = kv_budget = min(kv_budget + decode_room, max_seq_length or kv_budget + decode_room)
         self.max_seq_length = max_seq_length or kv_budget  # longest sequence the run may reach
         self.layer_idx, self.n_layers = layer_idx, n_layers
         self.kv_dtype, self.head_dim = dtype, head_dim
@@ -407,13 +411,15 @@ class KVCache(nn.Module):
 
     # -- prefill -------------------------------------------------------------------------------------------
     def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None,
-                context_len: int = None) -> Tensor:
+                context_len: int = None, need_output: bool = True) -> Tensor:
         """The prompt: un-rotated k, v [B, Hkv, T, D] and q [B, H, T, D] at positions input_pos = 0..T-1. Returns
         its causal self-attention y [B, H, T, D]; the cache then keeps what its policy keeps.
         row: which sequence of the batch this prompt is (each is prefilled alone, no padding; None: a cache that
         holds one sequence).
         context_len: only the first context_len tokens are the prompt; the rest is a scoring extension that the
-        cache reads but does not keep (KVzip's context reconstruction)."""
+        cache reads but does not keep (KVzip's context reconstruction).
+        need_output False: only the cache is wanted (leaderboard.py's replay of a recorded prefill); the attention is
+        computed only where the policy learns from it, and None may be returned."""
         batch = self.pos.shape[0]
         if row is None and batch > 1:
             raise ValueError("a batch of caches is prefilled one sequence at a time: give row")
@@ -426,7 +432,8 @@ class KVCache(nn.Module):
         if int(self.seen) > 0:  # the cache already holds the prompt's earlier chunks
             return self.prefill_chunk(input_pos, k_rot, v, q_rot)
         T = self.context_len = context_len or k.shape[2]
-        y = self.prompt_attention(q_rot, k_rot, v)
+        learns = self.needs_prompt_attention or self.prompt_compressor == "kvzip"
+        y = self.prompt_attention(q_rot, k_rot, v) if need_output or learns else None
         k, k_rot, v, q_rot, input_pos = k[:, :, :T], k_rot[:, :, :T], v[:, :, :T], q_rot[:, :, :T], input_pos[:T]
         keep = self.prompt_keep(k_rot, q_rot, v)
         self.write_prompt(input_pos, k if self.rotates_keys else k_rot, v, keep)
@@ -640,7 +647,7 @@ class KVCache(nn.Module):
         written = torch.zeros_like(occupied).scatter_(2, slot[:, :, None], True)
         held = occupied.sum(-1)  # per head, before this step
         floor = max(1, int(self.budget * self.adakv_alpha)) if self.adakv_alpha > 0 else 0
-        excess = (held.sum(-1) + (~full).sum(-1) - Hkv * self.budget).clamp(min=0)  # [B]
+        excess = (held.sum(-1) + (~full).sum(-1) - Hkv * (self.budget + self.decode_room)).clamp(min=0)  # [B]
         candidate = occupied & ~protected & ~written & (held > floor).unsqueeze(-1)
         flat = score.masked_fill(~candidate, float("inf")).reshape(B, Hkv * C)
         low = torch.topk(flat, Hkv, dim=-1, largest=False)  # ties: the lowest index (head, then slot)
@@ -915,8 +922,9 @@ class HeavyHitterCache(KVCache):
             self.attn_vis[:, :, :T, :vals.shape[-1]] = vis
         else:
             idx = keep.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, vals.shape[-1])
-            self.attn_hist[..., :vals.shape[-1]] = vals.gather(2, idx)
-            self.attn_vis[..., :vals.shape[-1]] = vis.gather(2, idx)
+            n = keep.shape[-1]  # fewer than the slots with --budget_scope prompt (the rest wait for new tokens)
+            self.attn_hist[:, :, :n, :vals.shape[-1]] = vals.gather(2, idx)
+            self.attn_vis[:, :, :n, :vals.shape[-1]] = vis.gather(2, idx)
         self.step.fill_(min(T, W) if W else T)
 
     def after_insert(self, slot, input_pos, k, q):
@@ -1403,7 +1411,7 @@ def keep_adakv(cache, score, protected, v):
     tensor parallelism the decision is taken on every rank's heads and each rank keeps its own block."""
     score, protected = cache.all_heads(score), cache.all_heads(protected)
     B, Hkv, T = score.shape
-    C, slots = cache.budget, cache.kv_budget
+    C, slots = cache.budget, cache.prompt_slots
     n_safe = max(1, int(C * cache.adakv_alpha)) if cache.adakv_alpha > 0 else 0
     pinned = protected.clone()
     if n_safe:

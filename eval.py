@@ -202,7 +202,7 @@ def jsonable(v):
 # The run: model, caches and compiled functions made once
 # ---------------------------------------------------------------------------------------------------------------
 def prefill_logits(model, x, input_pos):
-    return model(x, input_pos, prefill=True)[:, -1]
+    return model(x, input_pos, prefill=True, last_only=True)[:, -1]
 
 
 def step_logits(model, cur, input_pos):

@@ -252,16 +252,19 @@ class Transformer(nn.Module):
             cache.set_rope(cos, sin)
 
     def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False, row: int = None,
-                context_len: int = None) -> Tensor:
+                context_len: int = None, last_only: bool = False) -> Tensor:
         """idx [B, T] token ids at positions input_pos: [T] shared by the batch, or [B, T] per sequence (batched
         decoding of prompts of different lengths). row: prefill one sequence (idx [1, T]) of a batch of caches
         (cache.SequenceBatch). context_len (prefill): the first context_len tokens are the prompt, the rest a scoring
-        extension the caches read but do not keep (KVzip). Returns logits [B, T, vocab] in fp32."""
+        extension the caches read but do not keep (KVzip). Returns logits [B, T, vocab] in fp32; last_only: of the last
+        prompt position only ([B, 1, vocab]: position context_len - 1 with an extension), all a prefill needs."""
         for cache in self.caches:
             cache.set_tokens(idx, prefill, row)  # token ids, for policies that look at them (FastGen's classes)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, input_pos, prefill, row, context_len)
+        if last_only:  # the vocabulary projection of one position, not of every prompt token
+            x = x[:, -1:] if context_len is None else x[:, context_len - 1:context_len]
         return self.output(self.norm(x)).float()
 
     @property

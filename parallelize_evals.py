@@ -132,7 +132,8 @@ def command_args(c: str, num_gpus: int, threads: int) -> list:
         raise ValueError("empty command")
     if args[0] in ("python", "python3"):
         args[0] = sys.executable
-    if num_gpus == 0 and "eval.py" in " ".join(args[:3]) and "--num_threads" not in args:
+    head = " ".join(args[:3])
+    if num_gpus == 0 and ("eval.py" in head or "leaderboard.py" in head) and "--num_threads" not in args:
         args += ["--num_threads", str(threads)]
     return args
 

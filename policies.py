@@ -54,6 +54,10 @@ SETUP_OPTIONS = {
     "compression_ratio": (Param(float, None, "kvpress's budget: the fraction of the PROMPT removed, so each layer keeps "
                                              "int(prompt tokens x (1 - ratio)) slots (eval.py: of --seq_length); "
                                              "replaces --max_cache_length", min=0, max=0.999), None),
+    "budget_scope": (Param(str, "sequence", "what the budget binds: sequence (the cache never holds more than its "
+                                            "budget; decoding evicts) or prompt (kvpress's layout: the prompt is "
+                                            "compressed to the budget once, then every new token is kept)",
+                           choices=("sequence", "prompt")), None),
     "cache_length_pattern": (Param(str, "tile", "how several lengths are laid over the layers; pyramid/funnel: "
                                                 "PyramidKV's linear schedule",
                                    choices=("tile", "repeat", "pyramid", "funnel")), None),
@@ -274,6 +278,19 @@ def build_caches(cfg: dict, n_layers: int, n_kv_heads: int, head_dim: int, batch
         raise ValueError("--feed_long_prompts feeds a long prompt through the decode step; it excludes "
                          "--prompt_compression_strategy and --prefill_chunk")
     budgets = layer_budgets(cfg, n_layers, max_seq_length, prompt_len)
+    decode_room = 0
+    if cfg["budget_scope"] == "prompt":
+        if prompt_len < 1:
+            raise ValueError("--budget_scope prompt sizes the caches for the new tokens: the prompt length must be "
+                             "known")
+        if cfg["feed_long_prompts"]:
+            raise ValueError("--budget_scope prompt keeps every token after the prompt; it excludes "
+                             "--feed_long_prompts (which feeds the prompt's tail through the decode step)")
+        own_rule = sorted({s for s in strategies if POLICIES[s].own_prompt_rule})
+        if own_rule:
+            raise ValueError(f"--budget_scope prompt: {', '.join(own_rule)} keep(s) the prompt by their own rule, "
+                             "not by compressing it to a budget; use --budget_scope sequence")
+        decode_room = max(0, max_seq_length - prompt_len)
     budget_given = cfg["compression_ratio"] is not None or cfg["max_cache_length"] != [1.0]
     engine = {name: cfg[name] for name in CACHE_PARAMS}
     caches = []
@@ -292,7 +309,8 @@ def build_caches(cfg: dict, n_layers: int, n_kv_heads: int, head_dim: int, batch
                              f"({cfg['global_tokens']}) + --recent_window ({cfg['recent_window']}) + 1")
         with torch.device(device):
             caches.append(cls(batch_size, n_kv_heads, head_dim, budget, dtype, max_seq_length=max_seq_length,
-                              layer_idx=i, n_layers=n_layers, n_heads=n_heads, **engine, **hp))
+                              layer_idx=i, n_layers=n_layers, n_heads=n_heads,
+                              decode_room=0 if cls is FullCache else decode_room, **engine, **hp))
     return caches
 
 

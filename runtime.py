@@ -18,9 +18,8 @@ def prefill(model, x: torch.Tensor, input_pos: torch.Tensor, row: int = None, co
             **sampling) -> torch.Tensor:
     """The prompt x [1, T] at positions input_pos [T] into the caches (row: one sequence of a batch of caches;
     context_len: the prompt's length when a scoring extension follows it); returns the first new token [1, 1]."""
-    logits = model(x, input_pos, prefill=True, row=row, context_len=context_len)
-    last = logits[:, -1] if context_len is None else logits[:, context_len - 1]  # no int from a shape: no recompile
-    return sample(last, **sampling)
+    logits = model(x, input_pos, prefill=True, row=row, context_len=context_len, last_only=True)
+    return sample(logits[:, -1], **sampling)
 
 
 def decode_one_token(model, cur: torch.Tensor, input_pos: torch.Tensor, **sampling) -> torch.Tensor:

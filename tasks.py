@@ -161,6 +161,23 @@ class PromptEncoder:
         return self.tokenizer.encode(text if self.chat else " " + text, bos=False)
 
 
+def question_start(sample, encoder, ids: list) -> int:
+    """Where the question starts in a RULER prompt's ids (the text after the prompt's last newline): the
+    question-agnostic setting compresses the context before it and feeds the question afterwards."""
+    text = sample["input"]
+    cut = text.rfind("\n") + 1
+    if cut <= 0:
+        raise TaskError("question-agnostic: a prompt has no newline before its question")
+    ctx = encoder(text[:cut], "")
+    k = 0
+    while k < min(len(ids), len(ctx)) and ids[k] == ctx[k]:
+        k += 1
+    tok = encoder.tokenizer
+    if not (tok.decode(ids[:k]).endswith("\n") and tok.decode(ids[k:]).startswith(text[cut:cut + 20])):
+        raise TaskError("question-agnostic: the question does not start at a token boundary in a prompt")
+    return k
+
+
 def fit_units(build, encode, target: int, what: str):
     """Largest n such that the prompt build(n) -> (text, prefix, extra) encodes to <= target tokens."""
     def length(n):

@@ -429,22 +429,6 @@ def load_hf_model(gguf_path: Path, tokenizer_dir: Path, device: str, dtype):
     return model
 
 
-def question_split(sample, encoder, ids) -> int:
-    """Where the question starts in `ids` (RULER prompts: the question is the text after the last newline)."""
-    text = sample["input"]
-    cut = text.rfind("\n") + 1
-    if cut <= 0:
-        raise UserError("--question_agnostic: a prompt has no newline before its question")
-    ctx = encoder(text[:cut], "")
-    k = 0
-    while k < min(len(ids), len(ctx)) and ids[k] == ctx[k]:
-        k += 1
-    tok = encoder.tokenizer
-    if not (tok.decode(ids[:k]).endswith("\n") and tok.decode(ids[k:]).startswith(text[cut:cut + 20])):
-        raise UserError("--question_agnostic: the question does not start at a token boundary in a prompt")
-    return k
-
-
 def _attn_modules(model):
     base = model.model.language_model if hasattr(model.model, "language_model") else model.model
     return [layer.self_attn for layer in base.layers]
@@ -695,7 +679,7 @@ def run_config(a, argv, model, press_obj, press, ratio, cfg_name, items, samples
             for s in ss[len(records):]:
                 # RandomPress (without seed=, which would give every layer the same draw) uses torch's generator
                 torch.manual_seed(a.seed * 1_000_003 + s["id"])
-                split = question_split(s, encoder, s["ids"]) if a.question_agnostic else None
+                split = T.question_start(s, encoder, s["ids"]) if a.question_agnostic else None
                 tokens, st, prompt_kept, cache = run_sample(model, press_obj, s["ids"], task_gen, eos, device, split)
                 text_ids = tokens[:-1] if tokens and tokens[-1] in eos else tokens
                 pred = encoder.tokenizer.decode(text_ids)
