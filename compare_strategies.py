@@ -23,11 +23,13 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: the one line 
 
 import argparse
 import io
+import json
 import signal
 from collections import defaultdict
 from pathlib import Path
 
 import cli
+import metrics as M
 from cli import UserError
 
 BUDGET_KEYS = {"max_cache_length", "compression_ratio", "initial_local_window", "sink_tokens", "recent_tokens",
@@ -101,6 +103,8 @@ def strategy_labels(rows) -> dict:
 def budget_label(r) -> str:
     st = r["stats"]
     slots = st.get("layer_kv_budget")
+    if r.get("compression_ratio_of_prompt") is not None:  # leaderboard.py: a share of each prompt
+        return f"{100 * (1 - r['compression_ratio_of_prompt']):.0f}% of the prompt"
     if not slots:
         return "?"
     avg = sum(slots) / len(slots)
@@ -150,6 +154,55 @@ def table(rows) -> str:
         cells.append(f"{sum(tps) / len(tps):.1f}" if tps else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def sample_scores(r) -> dict:
+    """id -> the primary score of each sample, from the predictions.jsonl beside a metrics.json."""
+    path = Path(r["_path"]).with_name("predictions.jsonl")
+    out = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                out[rec["id"]] = float(rec["scores"][r["primary"]])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
+def significance(rows) -> str:
+    """Per task folder (the same samples) and budget: the configurations ranked by score, each with the paired
+    p-value (metrics.paired_p_value over the samples both scored) against the best one and against full."""
+    labels = strategy_labels(rows)
+    groups = defaultdict(list)
+    for r in rows:
+        if r["primary"] != "ppl":
+            groups[Path(r["_path"]).parent.name].append(r)
+    head = ["task folder", "budget", "strategy", "score [95% interval]", "n", "p vs best", "p vs full"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for folder in sorted(groups):
+        sub = groups[folder]
+        scores = {r["_path"]: sample_scores(r) for r in sub}
+        full = next((r for r in sub if labels[r["config"]] == "full"), None)
+        budgets = sorted({split_config(r["config"])[2] for r in sub if r is not full})
+        for budget in budgets:
+            ranked = sorted((r for r in sub if r is not full and split_config(r["config"])[2] == budget),
+                            key=lambda r: -r["score"])
+            for r in ranked:
+                lines.append("| " + " | ".join([folder, budget_label(r), labels[r["config"]], fmt_score(r),
+                                                str(r.get("num_samples", len(scores[r["_path"]]))),
+                                                paired_cell(scores, r, ranked[0]),
+                                                paired_cell(scores, r, full)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_cell(scores: dict, r, other) -> str:
+    """The paired p-value of r against other over the samples both scored ('' for itself or no other)."""
+    if other is None or other is r:
+        return ""
+    a, b = scores[r["_path"]], scores[other["_path"]]
+    ids = sorted(set(a) & set(b))
+    return f"{M.paired_p_value([a[i] for i in ids], [b[i] for i in ids]):.3g}" if ids else ""
 
 
 def plot(rows, out: Path, title: str = None):
@@ -232,6 +285,9 @@ def main(argv=None):
                    help=f"replace the table between {MARK_BEGIN} and {MARK_END} in this markdown file")
     p.add_argument("--out_png", type=Path, default=None, help="plot of score versus compression (matplotlib, Agg)")
     p.add_argument("--title", default=None)
+    p.add_argument("--significance", type=Path, default=None,
+                   help="also write, per task and budget, the configurations ranked with paired p-values (McNemar's "
+                        "exact test on 0/1 scores) against the best one and against full")
     cli.one_line_errors(p)
     return cli.run_main(lambda: run(p.parse_args(argv)))
 
@@ -240,7 +296,8 @@ def run(a):
     missing = [str(x) for x in a.paths if not x.exists()]
     if missing:
         raise UserError(f"no such results folder: {', '.join(missing)}")
-    for flag, path in (("--out_md", a.out_md), ("--update_md", a.update_md), ("--out_png", a.out_png)):
+    for flag, path in (("--out_md", a.out_md), ("--update_md", a.update_md), ("--out_png", a.out_png),
+                       ("--significance", a.significance)):
         if path is not None:  # before reading anything: a bad output path fails first
             if path.is_dir():
                 raise UserError(f"{flag} {path} is a folder, not a file")
@@ -261,6 +318,9 @@ def run(a):
     if not a.out_md and not a.update_md:
         sys.stdout.write(t)
         sys.stdout.flush()
+    if a.significance:
+        cli.atomic_write_text(a.significance, significance(rows))
+        print(f"wrote {a.significance}", file=sys.stderr)
     if a.out_png:
         plot(rows, a.out_png, a.title)
         print(f"wrote {a.out_png}", file=sys.stderr)

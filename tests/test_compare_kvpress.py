@@ -95,3 +95,20 @@ def test_agreement_bad_input_is_one_line(ck, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --agreement")
+
+
+def test_question_agnostic_configs_pair_only_with_each_other(ck, tmp_path):
+    model = tmp_path / "SmolLM2-135M-Instruct"
+    args = {"cache_strategy": ["keydiff"], "keep_set": "topk", "prompt_compression_strategy": None,
+            "compression_ratio": 0.5}
+    for agnostic in (False, True):
+        suffix = "__question_agnostic" if agnostic else ""
+        _write(model / f"keydiff__compression_ratio=0.5{suffix}", "niah_single_2-len512-gen16-n1", [("a", 1.0, 5)],
+               {"args": args, "question_agnostic": agnostic})
+        _write(model / f"kvpress-keydiff__compression_ratio=0.5{suffix}", "niah_single_2-len512-gen16-n1",
+               [("a", 1.0, 5)], {"kvpress": {"press": "keydiff", "compression_ratio": 0.5,
+                                             "question_agnostic": agnostic}})
+    pairs = sorted((e.name, k.name) for e, k, _ in ck.auto_pairs(model))
+    assert pairs == [("keydiff__compression_ratio=0.5", "kvpress-keydiff__compression_ratio=0.5"),
+                     ("keydiff__compression_ratio=0.5__question_agnostic",
+                      "kvpress-keydiff__compression_ratio=0.5__question_agnostic")]

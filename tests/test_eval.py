@@ -78,6 +78,15 @@ def test_score_interval_wilson_closed_forms_and_bootstrap():
     assert lo < 100 * sum(scores) / len(scores) < hi and (lo, hi) == M.mean_interval(scores)
 
 
+def test_paired_p_values_closed_forms():
+    # McNemar exact: 10 samples only a gets right, none only b: two-sided binomial 2 * 0.5^10
+    assert M.paired_p_value([1] * 10 + [0] * 5 + [1] * 3, [0] * 10 + [0] * 5 + [1] * 3) == pytest.approx(2 / 1024)
+    assert M.paired_p_value([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(1.0)  # 2 and 2: no evidence
+    assert M.paired_p_value([1, 0], [1, 0]) == 1.0
+    # not 0/1: Wilcoxon signed-rank, exact; six differences of one sign: 2 / 2^6
+    assert M.paired_p_value([0.5, 1, 0.2, 0.3, 0.9, 0.1], [0.1, 0.2, 0.1, 0.2, 0.3, 0.05]) == pytest.approx(2 / 64)
+
+
 def test_mc_accuracy():
     # acc: argmax of sums (-1.0 is B); acc_norm divides by characters: A -1.2/6 = -0.2 beats B -1.0/2 = -0.5
     r = M.mc_accuracy([-1.2, -1.0, -5.0], ["banana", "ab", "c"], gold=0)

@@ -159,3 +159,22 @@ def test_visualize_per_head_and_error(tmp_path, smol_dir):
     with pytest.raises(SystemExit) as e:
         ve.main(["--cache_strategy", "nope", "--out", str(png)])
     assert e.value.code == 2
+
+
+def test_significance_table_pairs_samples(tmp_path):
+    """Two configurations at one budget and full, 12 shared samples: a right on 10 where b fails -> McNemar p =
+    2 / 2^10 against the best; full and a differ on no sample -> 1."""
+    root = tmp_path / "results"
+    per_sample = {"full": [1] * 10 + [0] * 2, "a__max_cache_length=0.5": [1] * 10 + [0] * 2,
+                  "b__max_cache_length=0.5": [0] * 10 + [0] * 2}
+    for cfg, xs in per_sample.items():
+        fake_metrics(root, cfg, "niah_single_2", 100 * sum(xs) / len(xs), 1.0 if cfg == "full" else 0.5)
+        d = next((root / "SmolLM2-135M-Instruct" / cfg).iterdir())
+        (d / "predictions.jsonl").write_text("".join(json.dumps({"id": i, "scores": {"string_match_all": x}}) + "\n"
+                                                     for i, x in enumerate(xs)))
+    md = tmp_path / "sig.md"
+    assert cs.main([str(root), "--significance", str(md), "--out_md", str(tmp_path / "t.md")]) == 0
+    rows = {line.split(" | ")[2]: line for line in md.read_text().splitlines()[2:]}
+    assert set(rows) == {"a", "b"}
+    assert rows["a"].endswith("|  | 1 |")  # the best itself; no difference from full
+    assert rows["b"].endswith(f"| {2 / 1024:.3g} | {2 / 1024:.3g} |")
