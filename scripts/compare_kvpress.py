@@ -83,6 +83,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402
+import eval as E  # noqa: E402  (eval.py's naming, resuming and aggregation: both sides write the same format)
 import tasks as T  # noqa: E402
 from cli import UserError  # noqa: E402
 
@@ -553,7 +554,6 @@ def run(a, argv):
     if a.agreement is not None:
         return run_agreement(a.agreement)
     check_args(a)
-    import eval as E  # eval.py's naming, resuming and aggregation, so both sides write the same format
 
     tasks = E.make_tasks(a.tasks, E.parse_task_opts(a.task_opts))
     for t in tasks:

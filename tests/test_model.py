@@ -23,6 +23,18 @@ def test_prefill_logits_match_transformers(smol_model, hf_smol):
 
 
 @torch.no_grad()
+def test_prefill_last_only_is_the_last_row_of_transformers_logits(smol_model, hf_smol):
+    full_caches(smol_model, 64)
+    ids = torch.tensor([PROMPT])
+    ours = smol_model(ids, torch.arange(len(PROMPT)), prefill=True, last_only=True)
+    assert ours.shape == (1, 1, smol_model.config.vocab_size)
+    assert (ours[0, 0] - hf_smol(ids).logits[0, -1]).abs().max() < 1e-3
+    full_caches(smol_model, 64)  # with a scoring extension after the prompt: the prompt's last position
+    ours = smol_model(ids, torch.arange(len(PROMPT)), prefill=True, context_len=7, last_only=True)
+    assert (ours[0, 0] - hf_smol(ids[:, :7]).logits[0, -1]).abs().max() < 1e-3
+
+
+@torch.no_grad()
 def test_decode_step_logits_match_transformers(smol_model, hf_smol):
     """Prefill 6 tokens, then feed the rest one at a time through the cache: each step's logits match."""
     full_caches(smol_model, 64)

@@ -48,6 +48,8 @@ def shorter(argv: list, tmp: Path) -> list:
         "perplexity.py": ["--num_eval_tokens", "128"],  # lacache's ladder needs 35 slots at half the tokens
         "visualize_eviction.py": ["--seq_length", "160", "--max_new_tokens", "2", "--out", str(tmp / "e.png")],
         "parallelize_evals.py": ["--dry_run", "--state_dir", str(tmp / "state")],
+        "leaderboard.py": ["--num_samples", "1", "--seq_length", "256", "--max_new_tokens", "3", "--no_progress",
+                           "--out_dir", str(tmp / "board")],
         "compare_strategies.py": ["--out_md", str(tmp / "t.md"), "--out_png", str(tmp / "c.png")],
         "benchmark.py": ["--context_lengths", "64", "--max_new_tokens", "4", "--num_runs", "1", "--batch_sizes", "1",
                          "4", "--out", str(tmp / "bench")],
