@@ -103,8 +103,9 @@ def strategy_labels(rows) -> dict:
 def budget_label(r) -> str:
     st = r["stats"]
     slots = st.get("layer_kv_budget")
-    if r.get("compression_ratio_of_prompt") is not None:  # leaderboard.py: a share of each prompt
-        return f"{100 * (1 - r['compression_ratio_of_prompt']):.0f}% of the prompt"
+    if "compression_ratio_of_prompt" in r:  # leaderboard.py: a share of each prompt (None: the full cache)
+        ratio = r["compression_ratio_of_prompt"]
+        return "the whole prompt" if ratio is None else f"{100 * (1 - ratio):.0f}% of the prompt"
     if not slots:
         return "?"
     avg = sum(slots) / len(slots)
@@ -216,7 +217,8 @@ def plot(rows, out: Path, title: str = None):
     n = len(tasks)
     cols = min(n, 4)
     nrows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(4.6 * cols, 9), 3.8 * nrows + (1.2 if n == 1 else 0)),
+                             squeeze=False)  # one panel: room for the title and a legend of many strategies
     names = sorted({labels[r["config"]] for r in rows}, key=lambda s: (s != "full", s))
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     colors = {s: cmap(i % cmap.N) for i, s in enumerate(names)}

@@ -204,7 +204,10 @@ def run_task(a, argv, model, rt, task, cfgs, samples, splits, gen_len, weights):
     if bar:
         bar.close()
     for r in runs:
-        m = ev.aggregate(task, r["records"], {"batch_size": 1, "policies": sorted(r["cfg"].cache_strategy)},
+        recs = r["records"]
+        info = {"batch_size": 1, "policies": sorted(r["cfg"].cache_strategy),  # caches are sized per sample here
+                "kv_cache_bytes": sum(x["cache"]["kv_cache_bytes"] for x in recs) / len(recs)}
+        m = ev.aggregate(task, recs, info,
                          {"device": str(model.tok_embeddings.weight.device), "question_agnostic": r["agnostic"]})
         m.update(config=r["name"], model=weights.parent.name, seq_length=a.seq_length, max_new_tokens=gen_len,
                  compression_ratio_of_prompt=r["cfg"].compression_ratio, cache_strategy=r["cfg"].cache_strategy)

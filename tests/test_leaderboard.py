@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import compare_strategies
 import eval as ev
 import generate as gen
 import leaderboard
@@ -76,6 +77,12 @@ def test_folders_are_eval_py_folders_with_intervals(board):
     p, dests = ev.build_parser()
     a = policies.parse_args(p, ["--cache_config", "keydiff", "--compression_ratio", "0.5", "--budget_scope", "prompt"])
     assert cfg_dirs == [ev.config_name(a, {x.dest: x.default for x in ev.build_parser()[0]._actions}, dests)]
+
+
+def test_compare_strategies_reads_every_configuration(board):
+    rows = compare_strategies.load([board], skipped=[])
+    assert len(rows) == 1 + 2 * len(CONFIGS)
+    assert "50% of the prompt" in compare_strategies.table(rows)
 
 
 def test_a_second_run_skips_finished_configurations(board):
