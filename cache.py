@@ -1355,9 +1355,15 @@ PROMPT_SCORERS = {
 # positions [B, Hkv, C] in increasing order (-1: an empty slot)
 # ---------------------------------------------------------------------------------------------------------------
 def rank_scores(score: Tensor, protected: Tensor) -> Tensor:
-    """Protected positions first, then by score, ties to the lower position (a tiny position penalty)."""
-    pos = torch.arange(score.shape[-1], device=score.device, dtype=torch.float64)
-    return score.masked_fill(protected, float("inf")) - pos * 1e-9
+    """A key to take the top of, strictly ordered: protected positions first, then by score, ties to the lower
+    position; -inf (no candidate) stays -inf. It is minus the rank from a stable sort, not the score minus a
+    position penalty: attention-based scores are ~1e-7..1e-5 on a 2k prompt, where any fixed penalty would outweigh
+    them and favour early positions."""
+    key = score.masked_fill(protected, float("inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(key.shape[-1], device=key.device, dtype=torch.float64).expand(order.shape)
+    rank = torch.empty(order.shape, dtype=torch.float64, device=key.device).scatter_(-1, order, ranks)
+    return (-rank).masked_fill(key == float("-inf"), float("-inf"))
 
 
 def keep_topk(cache, score, protected, v):

@@ -112,3 +112,21 @@ def test_adakv_decoding_keeps_the_layer_budget_and_the_floors():
         t = prompt_len + step - 1
         for h in heads:  # sinks and the recent window are always held
             assert set(range(G)) <= set(h) and (step == 0 or set(range(t - R, t + 1)) <= set(h))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e-9])
+def test_keep_topk_is_scale_free(scale):
+    """Attention-based prompt scores are ~1e-7 on a 2k prompt: the kept set must be the top scores at any scale (a
+    position penalty for ties once outweighed them and kept early positions), as the plain-Python rule says."""
+    import types
+
+    from cache import keep_topk
+
+    g = torch.Generator().manual_seed(0)
+    T_, C_ = 400, 100
+    score = torch.rand(1, 2, T_, generator=g, dtype=torch.float64) * scale
+    protected = torch.zeros(1, 2, T_, dtype=torch.bool)
+    protected[..., :2] = protected[..., -5:] = True
+    keep = keep_topk(types.SimpleNamespace(budget=C_), score, protected, None)
+    expected = ref.keep_from_scores(score[0].tolist(), [0, 1, *range(T_ - 5, T_)], C_)
+    assert keep[0].tolist() == [sorted(x) for x in expected]
