@@ -277,6 +277,9 @@ def build_caches(cfg: dict, n_layers: int, n_kv_heads: int, head_dim: int, batch
     if cfg["feed_long_prompts"] and (cfg["prompt_compression_strategy"] is not None or cfg["prefill_chunk"]):
         raise ValueError("--feed_long_prompts feeds a long prompt through the decode step; it excludes "
                          "--prompt_compression_strategy and --prefill_chunk")
+    if cfg["keep_set"] != "topk" and all(POLICIES[s].never_evicts for s in strategies):
+        raise ValueError(f"--keep_set {cfg['keep_set']} chooses what a compressing policy keeps; "
+                         f"{', '.join(sorted(set(strategies)))} keeps everything")
     budgets = layer_budgets(cfg, n_layers, max_seq_length, prompt_len)
     decode_room = 0
     if cfg["budget_scope"] == "prompt":

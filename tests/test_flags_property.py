@@ -85,3 +85,10 @@ def test_values_the_issue_named_are_refused_when_parsed(capsys, argv):
         parse(argv)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: argument " + argv[0]) and "\n" not in err
+
+
+def test_keep_set_with_a_cache_that_keeps_everything_is_refused():
+    """Found by the property test: full ignored --keep_set adakv silently; now one line."""
+    with pytest.raises(ValueError, match="keeps everything"):
+        policies.build_caches(policies.settings(parse(["--cache_strategy", "full", "--keep_set", "adakv"])),
+                              N_LAYERS, HKV, D, 1, 16, torch.float32, "meta", prompt_len=4, n_heads=H)
