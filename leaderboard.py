@@ -80,7 +80,7 @@ def build_parser():
     return p, cache_dests
 
 
-def configurations(a, p, cache_dests, argv: list) -> list:
+def configurations(a, cache_dests, argv: list) -> list:
     """(folder name, cache options Namespace, question_agnostic) per configuration, named as eval.py names them."""
     defaults = {x.dest: x.default for x in ev.build_parser()[0]._actions}
     shared = strip_flags(argv, ("--cache_config", "--compression_ratio", "--setting"))
@@ -117,14 +117,16 @@ def main(argv=None):
     p, cache_dests = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     cli.one_line_errors(p)
-    cli.run_main(lambda: run(p.parse_args(argv), p, cache_dests, argv))
+    cli.run_main(lambda: run(p.parse_args(argv), cache_dests, argv))
 
 
-def run(a, p, cache_dests, argv):
+def run(a, cache_dests, argv):
     cli.check_at_least(a, num_samples=1, seq_length=2)
-    if a.temperature != 0 or a.batch_size != 1 or a.compile or a.feed_long_prompts:
+    if (a.temperature != 0 or a.batch_size != 1 or a.compile or a.compile_prefill or a.feed_long_prompts
+            or a.print_dir):
         raise UserError("leaderboard.py decodes greedily, one sample at a time, eagerly: leave --temperature, "
-                        "--batch_size, --compile and --feed_long_prompts at their defaults")
+                        "--batch_size, --compile, --compile_prefill, --feed_long_prompts and --print_dir at their "
+                        "defaults")
     for r in a.compression_ratio:
         if not 0 <= r < 1:
             raise UserError(f"--compression_ratio must be in [0, 1), got {r}")
@@ -137,9 +139,10 @@ def run(a, p, cache_dests, argv):
     if a.setting != "aware" and any(t.name not in T.SYNTHETIC for t in tasks):
         raise UserError(f"--setting {a.setting}: the question-agnostic setting splits RULER prompts at their "
                         f"question ({', '.join(T.SYNTHETIC)})")
-    configs = configurations(a, p, cache_dests, argv)
+    configs = configurations(a, cache_dests, argv)
     gen_len = a.max_new_tokens if a.max_new_tokens is not None else max(t.max_new_tokens for t in tasks)
-    cli.check_at_least(a, max_new_tokens=1) if a.max_new_tokens is not None else None
+    if a.max_new_tokens is not None:
+        cli.check_at_least(a, max_new_tokens=1)
     device = cli.resolve_device(a.device)
     dtype = cli.resolve_dtype(a.dtype, device)
     weights = cli.resolve_checkpoint(a.checkpoint_path)

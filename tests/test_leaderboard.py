@@ -93,6 +93,7 @@ def test_a_second_run_skips_finished_configurations(board):
 @pytest.mark.parametrize("flags,words", [
     (["--setting", "agnostic", "--tasks", "gsm8k"], "question-agnostic"),
     (["--temperature", "0.5"], "greedily"),
+    (["--compile_prefill"], "greedily"),
     (["--cache_config", "nope"], "unknown --cache_config"),
 ])
 def test_bad_input_is_one_line(tmp_path, flags, words):
