@@ -443,7 +443,7 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None, ba
                                     feed_long_prompts=ns.feed_long_prompts, prefill_chunk=ns.prefill_chunk)
             return toks, {**st, "decode_steps_per_s": st["decode_tokens_per_s"]}
         toks, st = gen.generate_batch(model, prompts, n, prefill_fn=prefill_fn, decode_fn=decode_fn,
-                                      prefill_chunk=ns.prefill_chunk)
+                                      prefill_chunk=ns.prefill_chunk, feed_long_prompts=ns.feed_long_prompts)
         return toks[0], st
 
     label = f"{fmt} {strategy} budget={budget_label(budget)} ctx={ctx}" + (f" batch={batch}" if batch > 1 else "")

@@ -233,7 +233,8 @@ class Runtime:
         t = time.perf_counter()
         if kind == "generate" and self.a.batch_size > 1:
             gen.generate_batch(self.model, [ids] * self.a.batch_size, 4, sampling=self.sampling,
-                               prefill_fn=self.prefill_fn, decode_fn=self.decode_fn, prefill_chunk=self.a.prefill_chunk)
+                               prefill_fn=self.prefill_fn, decode_fn=self.decode_fn, prefill_chunk=self.a.prefill_chunk,
+                               feed_long_prompts=self.a.feed_long_prompts)
         elif kind == "generate":
             gen.generate(self.model, ids, 4, sampling=self.sampling, prefill_fn=self.prefill_fn,
                          decode_fn=self.decode_fn, feed_long_prompts=self.a.feed_long_prompts,
@@ -299,7 +300,8 @@ def run_generate_batch(rt, task, chunk, gen_len):
     batch = rt.a.batch_size
     prompts = [s["ids"] for s in chunk] + [chunk[-1]["ids"]] * (batch - len(chunk))
     tokens, st = gen.generate_batch(rt.model, prompts, gen_len, eos_ids=rt.eos, sampling=rt.sampling,
-                                    prefill_fn=rt.prefill_fn, decode_fn=rt.decode_fn, prefill_chunk=rt.a.prefill_chunk)
+                                    prefill_fn=rt.prefill_fn, decode_fn=rt.decode_fn, prefill_chunk=rt.a.prefill_chunk,
+                                    feed_long_prompts=rt.a.feed_long_prompts)
     per_seq = st.pop("sequence_cache_stats")
     out = []
     for b, s in enumerate(chunk):

@@ -106,12 +106,14 @@ def kvzip_extension(model, prompt_len: int):
 
 @torch.no_grad()
 def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, eos_ids=(), sampling=None,
-                   prefill_fn=prefill, decode_fn=decode_one_token, prefill_chunk: int = 0):
+                   prefill_fn=prefill, decode_fn=decode_one_token, prefill_chunk: int = 0, feed_long_prompts=False):
     """Decodes len(prompts) sequences together; the caches must be set up for that batch size (cache.setup).
     Each prompt is prefilled alone into its own caches (no padding), then every decode step advances all
     sequences at their own positions. A finished sequence keeps stepping (its tokens are dropped), so the
-    compiled step never changes. Returns (one token list per prompt, timing dict; decode_tokens_per_s counts
-    the tokens of all sequences)."""
+    compiled step never changes. feed_long_prompts: as generate's, per sequence - a sequence still feeding its
+    prompt's tail gets its next prompt token in the step where the others get their last sampled token.
+    Returns (one token list per prompt, timing dict; decode_tokens_per_s counts the tokens of all sequences
+    generated once every sequence has its first token)."""
     sampling = sampling or {}
     device = model.tok_embeddings.weight.device
     if kvcache.batch_size(model) != len(prompts):
@@ -119,33 +121,52 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, eo
     for c in model.caches:
         c.reset()
     t0 = time.perf_counter()
-    first = [prefill_chunks(model, p, prefill_fn, prefill_chunk, sampling, row=b) for b, p in enumerate(prompts)]
+    fed = [len(p) for p in prompts]  # prompt tokens in the caches (or in this step's input)
+    if feed_long_prompts:
+        fed = [min(n, kvcache.prefill_budget(model) - 1) for n in fed]
+    first = [prefill_chunks(model, p[:n], prefill_fn, prefill_chunk, sampling, row=b)
+             for b, (p, n) in enumerate(zip(prompts, fed))]
     nxt = torch.cat(first, dim=0)  # [B, 1]
-    tokens = [[t] for t in nxt.view(-1).tolist()]
-    t_first = time.perf_counter()
-    done = [t[-1] in eos_ids or max_new_tokens <= 1 for t in tokens]
+    tokens = [[t] if n == len(p) else [] for t, n, p in zip(nxt.view(-1).tolist(), fed, prompts)]
     # A sequence's cache statistics are taken when it finishes (it keeps stepping afterwards).
-    finished = [kvcache.cache_stats(model, b) if d else None for b, d in enumerate(done)]
-    pos = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=device)  # [B, 1]
-    steps = 0
+    done, finished = [False] * len(prompts), [None] * len(prompts)
+
+    def check_done(b):
+        done[b] = bool(tokens[b]) and (tokens[b][-1] in eos_ids or len(tokens[b]) >= max_new_tokens)
+        if done[b]:
+            finished[b] = kvcache.cache_stats(model, b)
+
+    for b in range(len(prompts)):
+        check_done(b)
+    t_first = time.perf_counter() if all(tokens) else None
+    pos = torch.tensor([[n] for n in fed], dtype=torch.long, device=device)  # [B, 1]
+    steps = decoded = 0
     while not all(done):
+        feeding = [b for b, p in enumerate(prompts) if fed[b] < len(p)]
+        if feeding:  # teacher forcing: those sequences' input is their next prompt token
+            cur = nxt.view(-1).tolist()
+            for b in feeding:
+                cur[b] = prompts[b][fed[b]]
+                fed[b] += 1
+            nxt = torch.tensor(cur, dtype=torch.long, device=device).view(-1, 1)
         nxt = decode_fn(model, nxt, pos, **sampling).clone()
         pos += 1
-        steps += 1
+        steps += t_first is not None
         for b, t in enumerate(nxt.view(-1).tolist()):
-            if not done[b]:
+            if not done[b] and fed[b] == len(prompts[b]):
                 tokens[b].append(t)
-                done[b] = t in eos_ids or len(tokens[b]) >= max_new_tokens
-                if done[b]:
-                    finished[b] = kvcache.cache_stats(model, b)
+                decoded += t_first is not None
+                check_done(b)
+        if t_first is None and all(tokens):
+            t_first = time.perf_counter()
     synchronize(device)
     t_end = time.perf_counter()
-    decoded = sum(len(t) - 1 for t in tokens)
+    t_first = t_first or t_end
     return tokens, {
         "batch_size": len(prompts),
         "prompt_tokens": [len(p) for p in prompts],
         "new_tokens": [len(t) for t in tokens],
-        "time_to_first_token_s": t_first - t0,  # all prompts prefilled, one after the other
+        "time_to_first_token_s": t_first - t0,  # all prompts prefilled (and fed), one after the other
         "decode_s": t_end - t_first,
         "decode_steps": steps,
         "decode_tokens_per_s": decoded / (t_end - t_first) if steps else 0.0,
@@ -290,8 +311,6 @@ def run(a):
     batch = a.batch_size or len(texts)
     if batch < len(texts):
         raise UserError(f"{len(texts)} prompts do not fit --batch_size {batch} (give at most {batch} prompts)")
-    if batch > 1 and a.feed_long_prompts:
-        raise UserError("--feed_long_prompts decodes one sequence; use it with --batch_size 1")
     speculate = a.draft_checkpoint_path is not None or a.speculate_k is not None
     if speculate:  # speculative decoding (speculative.py): flags checked before anything is loaded
         k = speculative.check_args(a, batch, device)
@@ -395,13 +414,14 @@ def run_batch(a, model, tokenizer, prompts, eos, sampling, device, dtype):
     prefill_fn, decode_fn = compile_fns(device, a.compile, a.compile_prefill)
     compile_s = warm_up(a, lambda: generate_batch(model, prompts, min(4, a.max_new_tokens), sampling=sampling,
                                                   prefill_fn=prefill_fn, decode_fn=decode_fn,
-                                                  prefill_chunk=a.prefill_chunk))
+                                                  prefill_chunk=a.prefill_chunk, feed_long_prompts=a.feed_long_prompts))
     records = []
     for i in range(a.num_samples):
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         tokens, stats = generate_batch(model, prompts, a.max_new_tokens, eos_ids=eos, sampling=sampling,
-                                       prefill_fn=prefill_fn, decode_fn=decode_fn, prefill_chunk=a.prefill_chunk)
+                                       prefill_fn=prefill_fn, decode_fn=decode_fn, prefill_chunk=a.prefill_chunk,
+                                       feed_long_prompts=a.feed_long_prompts)
         per_seq = [tp.reduce_stats(s) for s in stats.pop("sequence_cache_stats")]  # torchrun: all ranks' heads
         stats.update(compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(device),
                      kv_cache_bytes=tp.reduce_stats(kvcache.cache_stats(model))["kv_cache_bytes"])

@@ -115,6 +115,34 @@ def test_each_sequence_keeps_the_positions_it_keeps_alone(alone, batched):
     assert evicted >= set(policies.POLICIES) - {"full"}, "every policy but full must evict in this run"
 
 
+@pytest.fixture(scope="module")
+def fed(tiny):
+    """--feed_long_prompts: each prompt alone, then the three together (they feed 10, 15 and 22 tokens)."""
+    model, cfg, prompts, max_seq = tiny
+    alone = []
+    for p in prompts:
+        policies.install(model, build(cfg, max_seq, 1), max_seq)
+        tokens, _ = generate.generate(model, p, NEW, feed_long_prompts=True)
+        alone.append((tokens, sequence_state(model.caches, 0), kvcache.cache_stats(model)))
+    policies.install(model, build(cfg, max_seq, len(prompts)), max_seq)
+    assert kvcache.prefill_budget(model) - 1 < min(PROMPT_LENS)
+    tokens, stats = generate.generate_batch(model, prompts, NEW, feed_long_prompts=True)
+    return alone, tokens, stats, model.caches
+
+
+def test_fed_prompts_decode_and_keep_as_alone(fed, alone):
+    fed_alone, tokens, stats, caches = fed
+    assert stats["new_tokens"] == [NEW] * len(PROMPT_LENS)
+    for b, (alone_tokens, _, alone_stats) in enumerate(fed_alone):
+        assert tokens[b] == alone_tokens, f"sequence {b}"
+        at_end = stats["sequence_cache_stats"][b]  # taken when sequence b finished
+        assert (at_end["seen_tokens"], at_end["kept_tokens"]) == (alone_stats["seen_tokens"], alone_stats["kept_tokens"])
+    last = PROMPT_LENS.index(max(PROMPT_LENS))  # feeds the longest, finishes last: its state is the final one
+    for name, (pos, seen, _), (a_pos, a_seen, _) in zip(layer_names(), sequence_state(caches, last), fed_alone[last][1]):
+        assert torch.equal(pos, a_pos) and seen == a_seen, f"layer {name}"
+    assert [t[0] for t in fed_alone] != [t[0] for t in alone], "feeding the prompt changed nothing: flag ignored?"
+
+
 def test_batch_statistics_are_per_sequence(batched):
     _, _, caches, s = batched
     assert s["batch_size"] == len(PROMPT_LENS)
@@ -221,8 +249,7 @@ def test_cli_batch_repeats_prompts_and_rejects_bad_sizes(capsys):
     assert [s["prompt_token_ids"] for s in out["sequences"]][0] == out["sequences"][1]["prompt_token_ids"]
     assert out["sequences"][0]["token_ids"] == out["sequences"][1]["token_ids"]
     for args, needle in ((["--prompt", "a", "b", "c", "--batch_size", 2], "do not fit --batch_size 2"),
-                         (["--batch_size", 0], "--batch_size: must be >= 1"),
-                         (["--prompt", "a", "b", "--feed_long_prompts"], "--feed_long_prompts")):
+                         (["--batch_size", 0], "--batch_size: must be >= 1")):
         with pytest.raises(SystemExit) as e:
             generate.main([str(x) for x in args])
         err = capsys.readouterr().err.strip()

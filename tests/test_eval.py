@@ -286,13 +286,17 @@ def test_hybrid_gets_token_classes(smol_model, smol_tokenizer):
     assert c.punct_ids.numel() == smol_model.config.vocab_size and bool(c.punct_ids[smol_tokenizer.encode(".")[0]])
 
 
-def test_batched_eval_equals_one_at_a_time(tmp_path, smol_dir, capsys):
-    """--batch_size 2 over 3 samples (the last batch padded): the same predictions and per-sample cache figures."""
+@pytest.mark.parametrize("extra", [[], ["--feed_long_prompts"]], ids=["prefill", "feed"])
+def test_batched_eval_equals_one_at_a_time(tmp_path, smol_dir, capsys, extra):
+    """--batch_size 2 over 3 samples (the last batch padded): the same predictions and per-sample cache figures;
+    with --feed_long_prompts each prompt's second half goes through the batched decode step."""
     args = ["--tasks", "niah_single_1", "--cache_strategy", "recent_global", "--max_cache_length", "0.5",
-            "--num_samples", "3", "--max_new_tokens", "4"]
+            "--num_samples", "3", "--max_new_tokens", "4", *extra]
     run_eval(tmp_path / "one", *args)
     err = run_eval(tmp_path / "two", *args, "--batch_size", "2", capsys=capsys)
-    d = Path("SmolLM2-135M-Instruct") / "recent_global__max_cache_length=0.5" / "niah_single_1-len192-gen4-n3"
+    config = "recent_global__feed_long_prompts=True__max_cache_length=0.5" if extra else \
+        "recent_global__max_cache_length=0.5"
+    d = Path("SmolLM2-135M-Instruct") / config / "niah_single_1-len192-gen4-n3"
     one, two = ([json.loads(x) for x in (tmp_path / t / d / "predictions.jsonl").read_text().splitlines()]
                 for t in ("one", "two"))
     assert [p["id"] for p in two] == [0, 1, 2]
