@@ -610,6 +610,18 @@ def _wait_for(cond, timeout=120, proc=None):
         time.sleep(0.2)
 
 
+def _interrupt(proc, ready, before=lambda: None):
+    """Once ready() holds (and before() ran), SIGINT proc; returns (stdout, stderr). A hung process is killed."""
+    try:
+        _wait_for(ready, proc=proc)
+        before()
+        proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -622,30 +634,21 @@ def test_concurrent_runs_sigint_and_resume(tiny, tmp_path):
             "--no_progress", "--out_dir", out]
     preds = out / "tiny" / "full" / "ppl-len64-gen0-n500" / "predictions.jsonl"
     a = _popen(*args)
-    try:
-        _wait_for(lambda: _lines(preds) >= 1, proc=a)
+
+    def second_run_refuses():
         b = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert b.returncode == 2
         assert_one_line(b.stderr, 2, "another run is using")
         assert f"held by pid {a.pid}" in b.stderr
         assert a.poll() is None  # A kept going
-        a.send_signal(signal.SIGINT)
-        _, err = a.communicate(timeout=60)
-    finally:
-        if a.poll() is None:
-            a.kill()
+
+    _, err = _interrupt(a, lambda: _lines(preds) >= 1, second_run_refuses)
     assert a.returncode == 130
     assert_one_line(err, 130)
     done = _ids(preds)  # every line whole and in order, no duplicate
     assert done == list(range(len(done))) and len(done) >= 1
     c = _popen(*args)
-    try:
-        _wait_for(lambda: _lines(preds) > len(done), proc=c)
-        c.send_signal(signal.SIGINT)
-        _, err = c.communicate(timeout=60)
-    finally:
-        if c.poll() is None:
-            c.kill()
+    _, err = _interrupt(c, lambda: _lines(preds) > len(done))
     assert c.returncode == 130 and f"resuming after {len(done)} finished samples" in err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     again = _ids(preds)
@@ -677,14 +680,7 @@ def test_sigint_stops_parallel_sweep_and_its_commands(tmp_path):
     state = tmp_path / "state"
     p = _popen("parallelize_evals.py", "--command_file", cmds, "--num_gpus", "0", "--state_dir", state)
     log = state / "logs" / "worker0.log"
-    try:
-        _wait_for(lambda: log.exists() and "time.sleep" in log.read_text(), proc=p)
-        time.sleep(0.5)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    out, err = _interrupt(p, lambda: log.exists() and "time.sleep" in log.read_text(), lambda: time.sleep(0.5))
     assert p.returncode == 130
     assert_one_line(err, 130)
     assert "not run (interrupted)" in out and "0 ran ok" in out
