@@ -228,7 +228,7 @@ class HybridCache(KVCache):
 
     def after_prefill(self, k, q, keep):
         p = self._profile
-        T, C = k.shape[2], self.kv_budget
+        T = k.shape[2]
         for name, buf in (("cls", self.slot_cls), ("frequent", self.frequent), ("col", self.attn_sum),
                           ("cnt", self.attn_cnt)):
             src = p[name]

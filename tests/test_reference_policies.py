@@ -260,7 +260,6 @@ def test_snapkv_selection():
 
 
 def test_recent_global_and_l2_compressors():
-    T = 10
     norms = [9, 1, 7, 2, 8, 3, 6, 5, 4, 9]
     k = [[[float(n)], [float(10 - n)]] for n in norms]
     q = [[[1.0], [1.0]] for _ in norms]
