@@ -20,10 +20,11 @@ Static shapes, one compiled graph
 ---------------------------------
 Every layer holds C + floor(R/2) slots (the rule grows C by floor(R/2) the first time it is exceeded; the
 reported kv_budget is that slot count).  Slots are not kept in position order; a per-slot rank buffer
-(rank of the slot's position among the kept ones, shared by all sequences and heads) is maintained.  A
-decode step reads its schedule row with `seen` as index, evaluates the keep rule on the rank space
-0..slots, evicts dropped slots by setting their position to -1 (K/V never move), renumbers the ranks,
-and the base class writes the new token into the first empty slot.  No Python branch depends on a tensor
+(rank of the slot's position among the kept ones, per sequence, shared by the heads) is maintained.  A
+decode step reads each sequence's schedule row with its `seen` as index, evaluates the keep rule on the rank
+space 0..slots, evicts dropped slots by setting their position to -1 (K/V never move), renumbers the ranks,
+and the base class writes the new token into the first empty slot.  A batch is one instance with the
+sequences as the first dimension of every buffer, as for the score-based policies.  No Python branch depends on a tensor
 value (a step with g = 0 keeps everything), so the step compiles once with fullgraph=True.  In
 position_mode "cache" (the default here, as in the seed: keys stored un-rotated, StreamingLLM's position
 shift) keys are rotated by the rank buffer and the query at rank n - 1.
@@ -135,7 +136,6 @@ host_ladder_prefill = torch.compiler.disable(ladder_prefill)
 class LaCache(KVCache):
     """LaCache: content-independent ladder of kept tokens, shifted layer by layer (see the module doc)."""
     own_prompt_rule = True
-    batchable = False  # a batch is a SequenceBatch of single-sequence instances (one schedule step counter)
     hyperparams = {
         "span": Param(int, 16, "lacache: ladder span S (layers one kept token covers)", min=1),
         "overlap": Param(int, 0, "lacache: overlap O between adjacent ladder steps (0 <= O < span)", min=0),
@@ -168,8 +168,9 @@ class LaCache(KVCache):
         super().__init__(batch_size, n_kv_heads, head_dim, C + half, dtype, **kw)
         self.ladder_budget = C  # C of the rules; kv_budget (the slots) is C + floor(R/2)
         self.B, self.A, self.R, self.offset = B, A, R, i % (R + 1)
-        # Rank of each slot's position among the kept ones (valid where pos >= 0); shared by sequences and heads.
-        self.register_buffer("slot_rank", torch.zeros(C + half, dtype=torch.long), persistent=False)
+        # Rank of each slot's position among the kept ones (valid where pos >= 0), per sequence; shared by the heads
+        # (the ladder is content independent: every head of a layer keeps the same positions).
+        self.register_buffer("slot_rank", torch.zeros(batch_size, C + half, dtype=torch.long), persistent=False)
         if self.ladders:  # [max_seq_length, 2]: (group start, groups) per step; one tensor shared by the layers
             sched = schedule_tensor(L, S, O, C, S0, self.max_seq_length, str(self.slot_rank.device))
             self.register_buffer("schedule", sched, persistent=False)
@@ -193,7 +194,7 @@ class LaCache(KVCache):
         return idx.expand(B, Hkv, idx.shape[0])
 
     def after_prefill(self, k, q, keep):
-        self.slot_rank.copy_(torch.arange(self.kv_budget, device=k.device))  # slots are in position order
+        self.slot_rank.copy_(torch.arange(self.kv_budget, device=k.device).expand_as(self.slot_rank))  # in order
 
     # -- decode --------------------------------------------------------------------------------------------
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor):
@@ -203,28 +204,34 @@ class LaCache(KVCache):
 
     def make_room(self):
         """The compaction the rules make once the next token is appended (it is always kept, so it can be done
-        before the token is written): dropped slots get position -1, the kept ones are renumbered."""
-        start, g = self.schedule.index_select(0, self.seen.view(1))[0].unbind()  # no host sync
+        before the token is written): dropped slots get position -1, the kept ones are renumbered. Each sequence
+        reads its own schedule row (its own token count): [B] tensors, no host sync."""
+        start, g = self.schedule.index_select(0, self.seen.view(-1)).unsqueeze(-1).unbind(1)  # [B, 1] each
         ranks = torch.arange(self.kv_budget + 1, device=self.pos.device)  # rank space, the new token included
-        keep = ladder_keep(ranks, start, g, self.B, self.A, self.offset)
-        occupied = self.pos[0, 0] >= 0
-        self.pos.masked_fill_(occupied & ~keep.gather(0, self.slot_rank), -1)
-        self.slot_rank.copy_((keep.cumsum(0) - 1).clamp(min=0).gather(0, self.slot_rank))
+        keep = ladder_keep(ranks, start, g, self.B, self.A, self.offset)  # [B, slots + 1]
+        occupied = self.pos[:, 0] >= 0  # [B, slots]
+        self.pos.masked_fill_((occupied & ~keep.gather(1, self.slot_rank)).unsqueeze(1), -1)
+        self.slot_rank.copy_((keep.cumsum(1) - 1).clamp(min=0).gather(1, self.slot_rank))
 
     def choose_slot(self, input_pos, k, q):
         return (self.pos < 0).to(torch.uint8).argmax(dim=-1)  # the first empty slot (make_room leaves one)
 
     def after_insert(self, slot, input_pos, k, q):
-        newest = (self.pos[0, 0] >= 0).sum() - 1  # the rank of the token just written
-        self.slot_rank.scatter_(0, slot[0, :1], newest.view(1))
+        newest = (self.pos[:, 0] >= 0).sum(-1, keepdim=True) - 1  # [B, 1]: the rank of the token just written
+        self.slot_rank.scatter_(1, slot[:, :1], newest)
 
     def rotate_by_rank(self, q: Tensor, k: Tensor):
         """StreamingLLM's position shift from the rank buffer (empty slots get some rank; they are masked)."""
         # index_select, not rope_cos[rank]: advanced indexing runs multi-threaded on the CPU from ~40 indices on
-        # and costs milliseconds per call on a busy machine; a 1-element index for the query: no host sync.
+        # and costs milliseconds per call on a busy machine; a [B] index for the queries: no host sync.
+        B, C = self.slot_rank.shape
         last = self.rope_cos.shape[0] - 1
-        rank = self.slot_rank.clamp(0, last)
-        k = apply_rope(k, self.rope_cos.index_select(0, rank), self.rope_sin.index_select(0, rank))
-        q_rank = ((self.pos[0, 0] >= 0).sum() - 1).clamp(0, last).view(1)
-        return apply_rope(q, self.rope_cos.index_select(0, q_rank), self.rope_sin.index_select(0, q_rank)), k
+
+        def table(rank):  # [B, n] ranks -> cos, sin [B, 1, n, D], broadcast over the heads
+            flat = rank.clamp(0, last).reshape(-1)
+            return (t.index_select(0, flat).view(B, 1, rank.shape[1], -1) for t in (self.rope_cos, self.rope_sin))
+
+        k = apply_rope(k, *table(self.slot_rank))
+        q_rank = (self.pos[:, 0] >= 0).sum(-1, keepdim=True) - 1  # [B, 1]
+        return apply_rope(q, *table(q_rank)), k
 
