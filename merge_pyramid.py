@@ -54,7 +54,7 @@ def pyramid_windows(n_layers: int, initial_local_window: int, steepness_coeffici
 
 def pool_pairs(even: Tensor, odd: Tensor, kind: str, valid: Tensor = None) -> Tensor:
     """Pools pairs along dim 2: even, odd [B, H, P, D] (the two members of each pair; a padded pair has
-    even == odd). valid [P] bool marks the real pairs (None: all); only they count for 'best'."""
+    even == odd). valid [B, P] bool marks each sequence's real pairs (None: all); only they count for 'best'."""
     if kind == "mean":
         return (even + odd) / 2
     if kind == "max":
@@ -64,8 +64,8 @@ def pool_pairs(even: Tensor, odd: Tensor, kind: str, valid: Tensor = None) -> Te
         if valid is None:
             n_pairs = even.shape[2]
         else:
-            wins = wins & valid[:, None]
-            n_pairs = valid.sum()
+            wins = wins & valid[:, None, :, None]
+            n_pairs = valid.sum(-1).view(-1, 1, 1, 1)
         first = wins.sum(2, keepdim=True)  # [B, H, 1, D]: pairs the even member wins, per channel
         return torch.where(first >= n_pairs - first, even, odd)  # ties -> even (the seed's >=)
     raise ValueError(f"unknown --seq_pooling_type {kind!r}; allowed: {', '.join(POOLING_TYPES)}")
@@ -75,7 +75,6 @@ class MergePyramidCache(KVCache):
     """Merges old tokens pairwise (mean / max / best) once the raw tail exceeds the layer's window W_k;
     sinks are never merged; W_k shrinks (beta > 1) or grows (beta < 1) linearly with the layer."""
     own_prompt_rule = True
-    batchable = False  # a batch is a SequenceBatch of single-sequence instances (merge counters per sequence)
     hyperparams = {
         "initial_local_window": Param(int, 512, "merge_pyramid: raw-tail window W0 of layer 0; layer k of m gets "
                                                 "W0 * (1 + k/m * (1/beta - 1))", min=1),
@@ -147,11 +146,13 @@ class MergePyramidCache(KVCache):
         self.local_window = local_window  # W_k
         # The base-class eviction knobs do not apply: nothing is evicted, sinks are sink_tokens.
         self.global_tokens, self.recent_window = self.sink_tokens, 0
-        self.register_buffer("pos_mean", torch.full((C,), -1.0, dtype=torch.float64), persistent=False)
-        self.register_buffer("span", torch.full((2, C), -1, dtype=torch.long), persistent=False)
-        self.register_buffer("n", torch.zeros((), dtype=torch.long), persistent=False)  # occupied slots
-        self.register_buffer("rws", torch.full((), self.sink_tokens, dtype=torch.long), persistent=False)
-        self.register_buffer("pending", torch.zeros((), dtype=torch.bool), persistent=False)
+        # Per sequence (the batch first, as every per-sequence buffer); shared by the heads (merges are positional).
+        B = batch_size
+        self.register_buffer("pos_mean", torch.full((B, C), -1.0, dtype=torch.float64), persistent=False)
+        self.register_buffer("span", torch.full((B, 2, C), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("n", torch.zeros(B, dtype=torch.long), persistent=False)  # occupied slots
+        self.register_buffer("rws", torch.full((B,), self.sink_tokens, dtype=torch.long), persistent=False)
+        self.register_buffer("pending", torch.zeros(B, dtype=torch.bool), persistent=False)
 
     def policy_buffers(self):
         return ["pos_mean", "span", "n", "rws", "pending"]
@@ -213,9 +214,9 @@ class MergePyramidCache(KVCache):
         kbuf[:, :, :n] = keep_k
         vbuf[:, :, :n] = keep_v
         self.pos_mean.fill_(-1.0)
-        self.pos_mean[:n] = keep_pm
+        self.pos_mean[:, :n] = keep_pm
         self.span.fill_(-1)
-        self.span[:, :n] = keep_span
+        self.span[:, :, :n] = keep_span
         self.pos.fill_(-1)
         self.pos[:, :, :n] = keep_pm.floor().long()
         self.n.fill_(n)
@@ -224,31 +225,33 @@ class MergePyramidCache(KVCache):
 
     # -- decode --------------------------------------------------------------------------------------------
     def merged_state(self):
-        """The buffers after pooling the whole region [sinks, n) (branch-free; static shapes).
+        """The buffers after pooling the whole region [sinks, n) of every sequence (branch-free; static shapes).
         Returns k, v, pos_mean, span, n."""
         B, H, C, D = self.store.k.shape
         S, dev = self.sink_tokens, self.store.k.device
         J = C - S  # slots after the sinks
         P_max = (J + 1) // 2  # the region holds at most J slots, so at most ceil(J / 2) pairs
-        L = self.n - S  # region length (0-dim); >= W_k + 1 >= 2 whenever a merge is pending
+        L = (self.n - S).view(B, 1)  # region length per sequence; >= W_k + 1 >= 2 whenever a merge is pending
         n_pairs = torch.div(L + 1, 2, rounding_mode="floor").clamp(min=0)
         j = torch.arange(P_max, device=dev)
-        even = (S + 2 * j).clamp(max=C - 1)
-        odd = (S + torch.minimum(2 * j + 1, (L - 1).clamp(min=0))).clamp(max=C - 1)
-        valid = j < n_pairs
+        even = (S + 2 * j).clamp(max=C - 1)  # [P]: the same slots in every sequence
+        odd = (S + torch.minimum(2 * j + 1, (L - 1).clamp(min=0))).clamp(max=C - 1)  # [B, P]: an odd region
+        valid = j < n_pairs  # [B, P]                                                 repeats its last slot
         kind = self.seq_pooling_type
         pad = J - P_max
 
         def pooled(buf):
-            out = pool_pairs(buf.index_select(2, even), buf.index_select(2, odd), kind, valid)
-            out = torch.where(valid[:, None], out, torch.zeros((), dtype=out.dtype, device=dev))
+            odd_slots = buf.gather(2, odd[:, None, :, None].expand(B, H, P_max, D))
+            out = pool_pairs(buf.index_select(2, even), odd_slots, kind, valid)
+            out = torch.where(valid[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=dev))
             return torch.cat([buf[:, :, :S], out, buf.new_zeros(B, H, pad, D)], 2)
 
-        pm = torch.where(valid, (self.pos_mean[even] + self.pos_mean[odd]) / 2, -1.0)
-        pm = torch.cat([self.pos_mean[:S], pm, self.pos_mean.new_full((pad,), -1.0)])
-        sp = torch.where(valid, torch.stack([self.span[0, even], self.span[1, odd]]), -1)
-        sp = torch.cat([self.span[:, :S], sp, self.span.new_full((2, pad), -1)], 1)
-        return pooled(self.store.k), pooled(self.store.v), pm, sp, S + n_pairs
+        pm = torch.where(valid, (self.pos_mean[:, even] + self.pos_mean.gather(1, odd)) / 2, -1.0)
+        pm = torch.cat([self.pos_mean[:, :S], pm, self.pos_mean.new_full((B, pad), -1.0)], 1)
+        sp = torch.stack([self.span[:, 0, even], self.span[:, 1].gather(1, odd)], 1)
+        sp = torch.where(valid[:, None], sp, -1)
+        sp = torch.cat([self.span[:, :, :S], sp, self.span.new_full((B, 2, pad), -1)], 2)
+        return pooled(self.store.k), pooled(self.store.v), pm, sp, S + n_pairs.view(B)
 
     def merge_pending(self):
         """Applies the merge triggered by the last append, if any (a no-op otherwise). update() calls it first;
@@ -256,13 +259,13 @@ class MergePyramidCache(KVCache):
         if self.kv_budget <= self.sink_tokens:  # nothing beyond the sinks can ever be held: never triggers
             return
         k, v, pm, sp, n = self.merged_state()
-        p = self.pending
-        self.store.k.copy_(torch.where(p, k, self.store.k))
-        self.store.v.copy_(torch.where(p, v, self.store.v))
-        self.pos_mean.copy_(torch.where(p, pm, self.pos_mean))
-        self.span.copy_(torch.where(p, sp, self.span))
+        p = self.pending  # [B]
+        self.store.k.copy_(torch.where(p.view(-1, 1, 1, 1), k, self.store.k))
+        self.store.v.copy_(torch.where(p.view(-1, 1, 1, 1), v, self.store.v))
+        self.pos_mean.copy_(torch.where(p.view(-1, 1), pm, self.pos_mean))
+        self.span.copy_(torch.where(p.view(-1, 1, 1), sp, self.span))
         occupied = self.pos_mean >= 0
-        self.pos.copy_(torch.where(occupied, self.pos_mean.floor(), -1.0).long().expand_as(self.pos))
+        self.pos.copy_(torch.where(occupied, self.pos_mean.floor(), -1.0).long().unsqueeze(1).expand_as(self.pos))
         self.n.copy_(torch.where(p, n, self.n))
         self.rws.copy_(torch.where(p, n, self.rws))
         self.pending.fill_(False)
@@ -273,23 +276,24 @@ class MergePyramidCache(KVCache):
 
     def choose_slot(self, input_pos: Tensor, k: Tensor, q: Tensor) -> Tensor:
         B, H, _ = self.pos.shape
-        return self.n.view(1, 1).expand(B, H).clone()  # append: slot index = rank
+        return self.n.view(B, 1).expand(B, H).clone()  # append: slot index = rank
 
     def after_insert(self, slot: Tensor, input_pos: Tensor, k: Tensor, q: Tensor):
-        idx = self.n.view(1)
-        self.pos_mean.index_copy_(0, idx, input_pos.to(torch.float64).view(1))
-        self.span.index_copy_(1, idx, input_pos.long().view(1, 1).expand(2, 1))
+        B = self.n.shape[0]
+        at = input_pos.view(-1, 1).expand(B, 1)  # each sequence's position (or one shared)
+        self.pos_mean.scatter_(1, self.n.view(B, 1), at.to(torch.float64))
+        self.span.scatter_(2, self.n.view(B, 1, 1).expand(B, 2, 1), at.long().view(B, 1, 1).expand(B, 2, 1))
         self.n.add_(1)
         self.pending.copy_(self.n - self.rws > self.local_window)
 
     # -- reporting -----------------------------------------------------------------------------------------
     def positions(self) -> list:
-        """Mean positions of the occupied slots, in slot order."""
-        n = int(self.n)
-        return self.pos_mean[:n].tolist()
+        """Mean positions of the occupied slots, in slot order (of sequence 0; row_view for another)."""
+        n = int(self.n[0])
+        return self.pos_mean[0, :n].tolist()
 
     def members(self) -> list:
-        """Per occupied slot, the original positions it covers (a contiguous range)."""
-        n = int(self.n)
-        return [tuple(range(a, b + 1)) for a, b in self.span[:, :n].t().tolist()]
+        """Per occupied slot, the original positions it covers (a contiguous range; of sequence 0)."""
+        n = int(self.n[0])
+        return [tuple(range(a, b + 1)) for a, b in self.span[0, :, :n].t().tolist()]
 

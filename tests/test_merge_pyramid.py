@@ -300,3 +300,37 @@ def test_generate_cli_rejects_bad_flag(smol_dir):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: argument --seq_pooling_type: must be one of mean, max, best, got 'median'"]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "best"])
+def test_a_batch_merges_each_sequence_as_alone(pooling):
+    """One cache holds three sequences of different prompt lengths (their merges fall on different steps, their
+    regions have different lengths): each keeps the positions, members and pooled K/V it keeps alone."""
+    lens, steps, W0, sinks = [5, 17, 11], 25, 4, 2
+    streams = [random_stream(n + steps, H, HKV, D, seed=i) for i, n in enumerate(lens)]
+    alone = []
+    for n, (_, k, v) in zip(lens, streams):
+        c = make_cache(1, W0, 1.0, sinks, n, False, steps + max(lens) - n, pooling)
+        for _ in drive(c, k, v, n, steps):
+            pass
+        alone.append((c.positions(), c.members(), c.store.k.clone(), c.store.v.clone()))
+    budget = MergePyramidCache.sized_budget(max(lens), max(lens) + steps, {})
+    batch = MergePyramidCache(len(lens), HKV, D, budget, torch.float64, max_seq_length=max(lens) + steps,
+                              layer_idx=1, n_layers=N_LAYERS, initial_local_window=W0, sink_tokens=sinks,
+                              seq_pooling_type=pooling)
+    Ks, Vs = [tensor(k) for _, k, _ in streams], [tensor(v) for _, _, v in streams]
+    Qs = [torch.zeros(1, H, n + steps, D, dtype=torch.float64) for n in lens]
+    with torch.no_grad():
+        for b, n in enumerate(lens):
+            batch.prefill(torch.arange(n), Ks[b][:, :, :n], Vs[b][:, :, :n], Qs[b][:, :, :n], row=b)
+        for j in range(steps):
+            def at(X):  # each sequence's token j after its prompt, stacked over the batch
+                return torch.cat([x[:, :, n + j:n + j + 1] for n, x in zip(lens, X)])
+            batch.update(torch.tensor([[n + j] for n in lens]), at(Ks), at(Vs), at(Qs))
+        batch.merge_pending()
+    for b, (positions, members, k, v) in enumerate(alone):
+        with batch.row_view(b) as r:
+            assert (r.positions(), r.members()) == (positions, members), f"sequence {b}"
+            n = len(positions)
+            assert torch.equal(r.store.k[:, :, :n], k[:, :, :n]) and torch.equal(r.store.v[:, :, :n], v[:, :, :n])
+    assert len({len(a[0]) for a in alone}) > 1, "the sequences should hold different numbers of slots"
