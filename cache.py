@@ -284,7 +284,6 @@ class KVCache(nn.Module):
     own_prompt_rule = False  # True: the policy keeps the prompt its own way (no prompt compressor, no keep-set rule)
     never_evicts = False
     rope_margin = 0  # RoPE table positions needed beyond max_seq_length
-    batchable = True  # one instance holds a batch of sequences (every per-sequence state has the batch first)
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, kv_budget: int, dtype, *,
                  max_seq_length: int = None, layer_idx: int = 0, n_layers: int = 1, n_heads: int = None,
@@ -356,13 +355,7 @@ class KVCache(nn.Module):
     @contextlib.contextmanager
     def row_view(self, row: int):
         """Inside, this cache is sequence `row`'s alone: each per-sequence buffer is replaced by its slice
-        [row:row + 1], a view, so whatever the cache writes lands in that sequence's part of the batch. A cache that
-        is not batchable holds one sequence (a SequenceBatch holds several of them): its row 0 is itself."""
-        if not self.batchable:
-            if row != 0:
-                raise ValueError(f"{type(self).__name__} holds one sequence, not sequence {row}")
-            yield self
-            return
+        [row:row + 1], a view, so whatever the cache writes lands in that sequence's part of the batch."""
         saved = [(mod, name, mod._buffers[name]) for mod, name in self.sequence_buffers()]
         try:
             for mod, name, buf in saved:
@@ -394,10 +387,6 @@ class KVCache(nn.Module):
 
     def select_token(self, t: int):
         """A multi-token decode step is about to insert its t-th token (policies with needs_tokens)."""
-
-    def sequences(self) -> list:
-        """The single-sequence caches behind this one (itself; a SequenceBatch has one per sequence)."""
-        return [self]
 
     def rope(self, x: Tensor, input_pos: Tensor) -> Tensor:
         """x [B, H, T, D] rotated at positions input_pos ([T], or [B, T]: each sequence's own); unchanged without
@@ -1443,73 +1432,15 @@ KEEP_SETS = {"topk": keep_topk, "chunkkv": keep_chunkkv, "criticalkv": keep_crit
 # ---------------------------------------------------------------------------------------------------------------
 # A batch of sequences, and statistics
 # ---------------------------------------------------------------------------------------------------------------
-class SequenceBatch(nn.Module):
-    """One layer's caches for a batch of sequences, for policies whose state is not batched (batchable = False:
-    hybrid, lacache, merge_pyramid): one policy instance per sequence (its own static buffers, positions, counters
-    and statistics), all preallocated once. Prefill fills one sequence (`row`) at a time, so prompts of different
-    lengths need no padding; a decode step inserts and attends each sequence's token in its own cache, at its own
-    position (the compiled step unrolls the sequences; the linears run once over the batch). Each sequence
-    therefore keeps exactly the positions it keeps when decoded alone. Batchable policies hold the whole batch in
-    one instance instead (one scoring, one argmin, one scatter and one attention call per step for all sequences)."""
-
-    def __init__(self, rows: list):
-        super().__init__()
-        self.rows = nn.ModuleList(rows)
-        first = rows[0]
-        for name in ("kv_budget", "head_dim", "kv_dtype", "rotates_keys", "needs_tokens", "needs_attention",
-                     "debug_attention_loss", "layer_idx"):
-            setattr(self, name, getattr(first, name))
-
-    def sequences(self) -> list:
-        return list(self.rows)
-
-    def row_view(self, row: int):
-        return contextlib.nullcontext(self.rows[row])
-
-    def reset(self):
-        for c in self.rows:
-            c.reset()
-
-    def set_rope(self, cos: Tensor, sin: Tensor):
-        for c in self.rows:
-            c.set_rope(cos, sin)
-
-    def prefill(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor, row: int = None, context_len: int = None):
-        if row is None:
-            raise ValueError("a batch of caches is prefilled one sequence at a time: give row")
-        return self.rows[row].prefill(input_pos, k, v, q, context_len=context_len)
-
-    def decode(self, input_pos: Tensor, k: Tensor, v: Tensor, q: Tensor) -> Tensor:
-        """input_pos [B, T] (each sequence's positions) or [T] (shared); k, v [B, Hkv, T, D]; q [B, H, T, D]."""
-        per_seq = input_pos.dim() == 2
-        return torch.cat([c.decode(input_pos[b] if per_seq else input_pos, k[b:b + 1], v[b:b + 1], q[b:b + 1])
-                          for b, c in enumerate(self.rows)], dim=0)
-
-    def set_tokens(self, idx: Tensor, prefill: bool, row: int = None):
-        if prefill:
-            self.rows[row].set_tokens(idx, True)
-        else:
-            for b, c in enumerate(self.rows):
-                c.set_tokens(idx[b:b + 1], False)
-
-    def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.rows)
-
-    def kept(self) -> int:
-        return sum(c.kept() for c in self.rows)
-
-
 @contextlib.contextmanager
 def sequence_view(model, row: int):
-    """Inside: sequence `row`'s cache in every layer (its own instance, or a view into a batched cache)."""
+    """Inside: sequence `row`'s cache in every layer (a view into each layer's batched cache)."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(c.row_view(row)) for c in model.caches]
 
 
 def batch_size(model) -> int:
-    c = model.caches[0]
-    rows = c.sequences()
-    return len(rows) if len(rows) > 1 else c.pos.shape[0]
+    return model.caches[0].pos.shape[0]
 
 
 def prefill_budget(model) -> int:

@@ -616,7 +616,7 @@ def evaluate(a, built, model, tokenizer, device, dtype, rt, cfg_dir, cfg_name, m
         if bar:
             bar.close()
         cs = kvcache.cache_stats(model, 0 if a.batch_size > 1 else None)  # per-sequence figures (sequence 0's)
-        first = model.caches[0].sequences()[0]
+        first = model.caches[0]
         info = {"kv_cache_bytes": kvcache.cache_stats(model)["kv_cache_bytes"], "batch_size": a.batch_size,
                 "full_kv_cache_bytes_at_max_seq_length":
                 a.batch_size * 2 * len(model.caches) * first.pos.shape[1] * max_seq_length * first.head_dim

@@ -95,7 +95,7 @@ def prefill_chunks(model, prompt: list, prefill_fn, chunk: int, sampling: dict, 
 def kvzip_extension(model, prompt_len: int):
     """The reconstruction instruction's ids when a layer compresses long prompts with kvzip and this prompt is longer
     than that layer's budget; else None."""
-    caches = [c for layer in model.caches for c in layer.sequences() if c.prompt_compressor == "kvzip"]
+    caches = [c for c in model.caches if c.prompt_compressor == "kvzip"]
     if not caches or prompt_len <= min(c.budget for c in caches):
         return None
     if caches[0].kvzip_instruction is None:

@@ -61,13 +61,16 @@ SPECIAL, PUNCT = 1, 2  # class bits of a token
 FREQUENT, FULL = 3, 4
 
 
+def per_sequence(t):
+    """A step or count ([1] shared, [B] or [B, 1] per sequence, or an int) shaped to broadcast over [B, H, C]."""
+    return t.view(-1, 1, 1) if isinstance(t, Tensor) else t
+
+
 class HybridCache(KVCache):
     """FastGen: per KV head, the cheapest of special / +punctuation / +local / +frequent / full that recovers
     min_recovery_frac of the prompt's attention; decode follows it inside the fixed budget (module docstring).
     Heads whose choice is `full` behave like heavy_hitter once the budget is full."""
     own_prompt_rule = True
-    # a batch is a SequenceBatch of single-sequence instances (per-sequence policy choice and token-class tables)
-    batchable = False
     hyperparams = {
         "min_recovery_frac": Param(float, 0.95, "hybrid: a head takes the first candidate policy recovering this "
                                                 "fraction of its prompt attention", above=0, max=1),
@@ -91,8 +94,9 @@ class HybridCache(KVCache):
         self.set_token_tables(special_ids, punct_ids)
         self.register_buffer("policy", torch.full((B, H), FULL, dtype=torch.long), persistent=False)
         self.register_buffer("recovery", torch.zeros(B, H, len(HYBRID_POLICIES)), persistent=False)
-        self.register_buffer("n_local", torch.ones((), dtype=torch.long), persistent=False)
-        self.register_buffer("n_freq", torch.zeros((), dtype=torch.long), persistent=False)
+        # Sized from each sequence's prompt length: per sequence, as the head policies.
+        self.register_buffer("n_local", torch.ones(B, dtype=torch.long), persistent=False)
+        self.register_buffer("n_freq", torch.zeros(B, dtype=torch.long), persistent=False)
         self.register_buffer("slot_cls", torch.zeros(B, H, C, dtype=torch.uint8), persistent=False)
         self.register_buffer("frequent", torch.zeros(B, H, C, dtype=torch.bool), persistent=False)
         self.register_buffer("attn_sum", torch.zeros(B, H, C), persistent=False)
@@ -103,7 +107,7 @@ class HybridCache(KVCache):
         self._profile = None
 
     def policy_buffers(self):
-        return ["slot_cls", "frequent", "attn_sum", "attn_cnt", "cur_cls", "recovery"]
+        return ["slot_cls", "frequent", "attn_sum", "attn_cnt", "cur_cls", "recovery", "policy", "n_local", "n_freq"]
 
     def reset(self):
         super().reset()
@@ -136,8 +140,8 @@ class HybridCache(KVCache):
 
     def set_tokens(self, idx: Tensor, prefill: bool, row: int = None):
         cls = self.token_classes(idx)
-        self.cur_cls.copy_(cls[:, -1])
-        if prefill:
+        (self.cur_cls if row is None else self.cur_cls[row:row + 1]).copy_(cls[:, -1])
+        if prefill:  # one sequence's prompt (a batch is prefilled row by row)
             self._prompt_cls = cls
         else:  # a multi-token decode step picks each token's class in turn (select_token)
             self._step_cls = cls
@@ -147,12 +151,14 @@ class HybridCache(KVCache):
 
     # -- membership ----------------------------------------------------------------------------------------
     def member(self, pos: Tensor, cls: Tensor, frequent: Tensor, t) -> Tensor:
-        """Whether each position (pos [B, H, N], -1 = empty) is kept by its head's policy at step t."""
+        """Whether each position (pos [B, H, N], -1 = empty) is kept by its head's policy at step t (an int, or a
+        tensor of one step or each sequence's)."""
         pol = self.policy.unsqueeze(-1)
+        t = per_sequence(t)
         special, punct = (cls & SPECIAL) != 0, (cls & PUNCT) != 0
         keep = (pos < self.global_tokens) | (pol == FULL) | (special & (pol <= FREQUENT))
         keep = keep | (punct & (pol >= 1) & (pol <= FREQUENT))
-        keep = keep | ((pos > t - self.n_local) & (pol >= 2) & (pol <= FREQUENT))
+        keep = keep | ((pos > t - per_sequence(self.n_local)) & (pol >= 2) & (pol <= FREQUENT))
         keep = keep | (frequent & (pol == FREQUENT))
         return keep & (pos >= 0)
 
@@ -244,15 +250,15 @@ class HybridCache(KVCache):
         holds more than n_freq tokens, its least-attended member leaves it (one per step suffices: one token
         leaves the local window per step)."""
         pos, cls = self.pos, self.slot_cls
-        covered = (pos < self.global_tokens) | (cls != 0) | (pos > t - self.n_local)
+        covered = (pos < self.global_tokens) | (cls != 0) | (pos > per_sequence(t) - per_sequence(self.n_local))
         pool = (pos >= 0) & self.frequent & ~covered
-        over = pool.sum(-1, keepdim=True) > self.n_freq
+        over = pool.sum(-1, keepdim=True) > per_sequence(self.n_freq)
         victim = self.avg_attention().masked_fill(~pool, float("inf")).argmin(-1, keepdim=True)
         slots = torch.arange(pos.shape[-1], device=pos.device)
         self.frequent.masked_fill_((slots == victim) & over, False)
 
     def choose_slot(self, input_pos, k, q):
-        t = input_pos
+        t = per_sequence(input_pos)
         self.trim_frequent(t)
         pos = self.pos
         occupied = pos >= 0
@@ -278,7 +284,7 @@ class HybridCache(KVCache):
 
     def attention_mask(self, input_pos):
         """Only the slots in the head's policy, and the new token."""
-        visible = self.member(self.pos, self.slot_cls, self.frequent, input_pos) | (self.pos == input_pos)
+        visible = self.member(self.pos, self.slot_cls, self.frequent, input_pos) | (self.pos == per_sequence(input_pos))
         return (visible & (self.pos >= 0)).unsqueeze(2)
 
     def record_attention(self, probs):
@@ -298,7 +304,7 @@ class HybridCache(KVCache):
 
     def attended(self) -> int:
         """Slots the last decode step attended to (in policy), summed over sequences and heads."""
-        t = self.seen - 1
+        t = per_sequence(self.seen - 1)
         return int((self.member(self.pos, self.slot_cls, self.frequent, t) | (self.pos == t)).sum())
 
 
@@ -306,7 +312,6 @@ def hybrid_stats(model) -> dict:
     """Per layer (hybrid layers only) the policy chosen by each KV head (sequence 0) and the counts; totals."""
     layers, total = [], {name: 0 for name in HYBRID_POLICIES}
     for i, c in enumerate(model.caches):
-        c = c.sequences()[0]  # a batch: sequence 0's cache
         if isinstance(c, HybridCache):
             counts = c.policy_counts()
             layers.append({"layer": i, "head_policies": c.head_policies(), "policy_counts": counts})

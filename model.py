@@ -254,8 +254,8 @@ class Transformer(nn.Module):
     def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False, row: int = None,
                 context_len: int = None, last_only: bool = False) -> Tensor:
         """idx [B, T] token ids at positions input_pos: [T] shared by the batch, or [B, T] per sequence (batched
-        decoding of prompts of different lengths). row: prefill one sequence (idx [1, T]) of a batch of caches
-        (cache.SequenceBatch). context_len (prefill): the first context_len tokens are the prompt, the rest a scoring
+        decoding of prompts of different lengths). row: prefill one sequence (idx [1, T]) into its row of the batched
+        caches. context_len (prefill): the first context_len tokens are the prompt, the rest a scoring
         extension the caches read but do not keep (KVzip). Returns logits [B, T, vocab] in fp32; last_only: of the last
         prompt position only ([B, 1, vocab]: position context_len - 1 with an extension), all a prefill needs."""
         for cache in self.caches:

@@ -19,7 +19,7 @@ import yaml
 
 from cache import (CACHE_PARAMS, KVZIP_INSTRUCTION, KVZIP_MAX_INSTRUCTION, ExpectedAttentionCache, FullCache,
                    HeavyHitterCache, KeepItOddCache, KeyDiffCache, L2Cache, LSHCache, Param, RandomCache,
-                   RecentGlobalCache, SequenceBatch, SinkRecentCache, TOVACache)
+                   RecentGlobalCache, SinkRecentCache, TOVACache)
 from cli import one_line_errors
 from hybrid import HybridCache, token_class_tables
 from lacache import LaCache
@@ -318,25 +318,23 @@ def build_caches(cfg: dict, n_layers: int, n_kv_heads: int, head_dim: int, batch
 
 
 def install(model, caches: list, max_seq_length: int, tokenizer=None):
-    """Installs one cache per layer (built by build_caches, or a SequenceBatch of them) in the model, with what the
+    """Installs one cache per layer (built by build_caches) in the model, with what the
     policies need from it: RoPE tables long enough for every policy (expected_attention looks past the sequence),
     each layer's output projection (--keep_set criticalkv) and the tokenizer's token classes (hybrid)."""
     mc = model.config
-    every = [c for layer in caches for c in layer.sequences()]
     model.setup_caches(max_seq_length, lambda i: caches[i],
-                       rope_length=max_seq_length + max(c.rope_margin for c in every))
+                       rope_length=max_seq_length + max(c.rope_margin for c in caches))
     sharded = getattr(model, "tensor_parallel", None)  # tp.py: this process holds a share of every layer's heads
     for layer, c in zip(model.layers, caches):
-        for seq in c.sequences():
-            if seq.keep_set == "criticalkv":
-                seq.set_output_projection(dense_weight(layer.attention.wo))
-            if sharded:
-                seq.set_head_group(sharded["group"], sharded["world"], sharded["rank"])
+        if c.keep_set == "criticalkv":
+            c.set_output_projection(dense_weight(layer.attention.wo))
+        if sharded:
+            c.set_head_group(sharded["group"], sharded["world"], sharded["rank"])
     if tokenizer is not None:
         instruction = tokenizer.encode(KVZIP_INSTRUCTION)[:KVZIP_MAX_INSTRUCTION]
-        for c in every:
+        for c in caches:
             c.kvzip_instruction = instruction
-    token_caches = [c for c in every if c.needs_tokens]
+    token_caches = [c for c in caches if c.needs_tokens]
     if token_caches and tokenizer is not None:
         w = model.tok_embeddings.weight
         special, punct = (t.to(w.device) for t in token_class_tables(tokenizer, mc.vocab_size))
@@ -344,33 +342,19 @@ def install(model, caches: list, max_seq_length: int, tokenizer=None):
             c.set_token_tables(special, punct)
 
 
-def batch_caches(build, batch_size: int) -> list:
-    """One cache per layer for batch_size sequences, from build(batch) -> one cache per layer: a batchable policy's
-    cache holds the whole batch; another's layer becomes a SequenceBatch of single-sequence caches."""
-    caches = build(batch_size)
-    if batch_size > 1 and not all(c.batchable for c in caches):
-        per_seq = [build(1) for _ in range(batch_size)]
-        caches = [c if c.batchable else SequenceBatch([seq[i] for seq in per_seq]) for i, c in enumerate(caches)]
-    return caches
-
-
 def setup(model, config=None, batch_size: int = 1, prompt_len: int = 0, max_seq_length: int = None, *,
           tokenizer=None, **options) -> list:
     """Builds each layer's cache and installs it in the model. config: a mapping or an argparse Namespace of cache
-    options, updated by keyword options (see settings()). With batch_size > 1 a layer whose policy is batchable
-    gets one cache holding the whole batch; the others (hybrid, lacache, merge_pyramid) a SequenceBatch of
-    batch_size single-sequence caches (prompt_len: the longest prompt; policies whose buffer depends on it use
-    it). tokenizer: for policies that classify tokens (hybrid); without it no token is special or punctuation."""
+    options, updated by keyword options (see settings()). With batch_size > 1 each layer's cache holds the whole
+    batch, every per-sequence buffer with the batch first (prompt_len: the longest prompt; policies whose buffer
+    depends on it use it). tokenizer: for policies that classify tokens (hybrid); without it no token is special or punctuation."""
     if not max_seq_length or max_seq_length < 1:
         raise ValueError("setup needs max_seq_length: the longest sequence (prompt + new tokens) the caches must hold")
     cfg = settings(config, **options)
     mc = model.config
     w = model.tok_embeddings.weight
 
-    def build(batch):
-        return build_caches(cfg, mc.n_layer, mc.n_local_heads, mc.head_dim, batch, max_seq_length, w.dtype, w.device,
-                            prompt_len=prompt_len, n_heads=mc.n_head)
-
-    caches = batch_caches(build, batch_size)
+    caches = build_caches(cfg, mc.n_layer, mc.n_local_heads, mc.head_dim, batch_size, max_seq_length, w.dtype,
+                          w.device, prompt_len=prompt_len, n_heads=mc.n_head)
     install(model, caches, max_seq_length, tokenizer)
     return caches

@@ -1,8 +1,8 @@
 """Batched decoding (issues 7, 16): prompts of different lengths decoded together.
 
 One tiny random model carries every registered policy (one layer each, as in tests/test_compile.py) plus the
-score-based ones in position_mode cache, the debug meter, the keep-set rules and int8 storage. A batchable policy's
-layer holds the whole batch in one cache (one scoring and one attention call per step); the others a SequenceBatch.
+score-based ones in position_mode cache, the debug meter, the keep-set rules and int8 storage. Every layer holds the
+whole batch in one cache (one scoring and one attention call per step).
 Each sequence of a batch must produce the greedy tokens and keep the positions (every layer, every KV head) it
 produces and keeps when decoded alone; the compiled batched step must compile once and keep doing so while
 sequences finish at different steps.
@@ -32,7 +32,7 @@ def build(cfg, max_seq, batch):
                                             cfg.head_dim, b, max_seq, torch.float32, "cpu",
                                             prompt_len=max(PROMPT_LENS), n_heads=cfg.n_head)
         return caches
-    return policies.batch_caches(one, batch)
+    return one(batch)
 
 
 def layer_names():
@@ -81,16 +81,13 @@ def batched(tiny):
     return tokens, stats, caches, kvcache.cache_stats(model)
 
 
-def test_batchable_policies_hold_the_batch_in_one_cache(batched):
+def test_every_policy_holds_the_batch_in_one_cache(batched):
     _, _, caches, _ = batched
-    assert {type(c.sequences()[0]).__name__ for c in caches} == {c.__name__ for c in policies.POLICIES.values()}
+    assert {type(c).__name__ for c in caches} == {c.__name__ for c in policies.POLICIES.values()}
     for c in caches:
-        if isinstance(c, kvcache.SequenceBatch):
-            assert not c.rows[0].batchable and len(c.rows) == len(PROMPT_LENS)
-        else:
-            assert c.batchable and c.pos.shape[0] == c.seen.shape[0] == len(PROMPT_LENS)
-    unbatched = [not policies.POLICIES[s].batchable for _, s in layer_names()]
-    assert [isinstance(c, kvcache.SequenceBatch) for c in caches] == unbatched and 0 < sum(unbatched) < len(caches)
+        assert c.pos.shape[0] == c.seen.shape[0] == len(PROMPT_LENS)
+        for name in c.policy_buffers():
+            assert getattr(c, name).shape[0] == len(PROMPT_LENS), f"{type(c).__name__}.{name}: batch first"
 
 
 def test_each_sequence_decodes_as_alone(alone, batched):
@@ -155,7 +152,7 @@ def test_batch_statistics_are_per_sequence(batched):
 
 def test_a_batched_cache_prefills_one_named_sequence(batched):
     _, _, caches, _ = batched
-    c = next(c for c in caches if not isinstance(c, kvcache.SequenceBatch))
+    c = caches[0]
     q = k = v = torch.zeros(1, 2, 3, 16)
     for row, needle in ((None, "give row"), (3, "no sequence 3")):
         with pytest.raises(ValueError, match=needle):
@@ -164,7 +161,7 @@ def test_a_batched_cache_prefills_one_named_sequence(batched):
 
 def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
     _, _, prompts, max_seq = tiny
-    prompts = prompts[:2]  # two sequences: the compiled graph unrolls a SequenceBatch's work per sequence
+    prompts = prompts[:2]
     # A smaller model keeps the compile CI-sized: every policy once.
     strategies = sorted(policies.POLICIES)
     cfg = ModelArgs(vocab_size=256, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=64,
@@ -172,9 +169,8 @@ def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
     m = random_model(cfg, "cpu", torch.float32, seed=1)
     with torch.no_grad():
         m.output.weight.mul_(20)
-    policies.install(m, policies.batch_caches(
-        lambda b: policies.build_caches(cache_args(strategies), len(strategies), 2, 16, b, max_seq, torch.float32,
-                                        "cpu", prompt_len=max(PROMPT_LENS), n_heads=4), len(prompts)), max_seq)
+    policies.install(m, policies.build_caches(cache_args(strategies), len(strategies), 2, 16, len(prompts), max_seq,
+                                              torch.float32, "cpu", prompt_len=max(PROMPT_LENS), n_heads=4), max_seq)
     free, _ = generate.generate_batch(m, prompts, NEW)
     # A stop token that sequence 0 emits early and sequence 1 not at that step (both may emit it elsewhere).
     eos = {next(t for i, t in enumerate(free[0][3:], 3) if t not in free[1][:i + 1])}
@@ -196,8 +192,8 @@ def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
 
 
 def decode_graph_size(batch: int) -> int:
-    """Nodes of the traced decode step of a model whose every layer is a batchable policy, at this batch size."""
-    strategies = sorted(s for s, cls in policies.POLICIES.items() if cls.batchable)
+    """Nodes of the traced decode step of a model with every policy (one layer each), at this batch size."""
+    strategies = sorted(policies.POLICIES)
     cfg = ModelArgs(vocab_size=64, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=32,
                     intermediate_size=64, block_size=128)
     m = random_model(cfg, "cpu", torch.float32, seed=1)

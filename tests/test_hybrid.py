@@ -117,6 +117,42 @@ def test_reference_cases_cover_every_policy():
     assert chosen == set(HYBRID_POLICIES)
 
 
+def test_a_batch_profiles_and_decodes_each_sequence_as_alone():
+    """Three prompts of different lengths in one cache (different local / frequent sizes and head policies): each
+    sequence's policies, kept and attended positions equal its run alone."""
+    C, G, r, lens, hp = 20, 2, 2, [40, 25, 12], dict(min_recovery_frac=0.7, hybrid_local_ratio=0.2,
+                                                     hybrid_frequent_ratio=0.3)
+    data = [(stream(n + STEPS, seed, (0, 1)), token_stream(n + STEPS, seed)) for seed, n in enumerate(lens)]
+    alone = []
+    for n, ((q, k, v), ids) in zip(lens, data):
+        c = make_cache(C, G, r, **hp)
+        alone.append((drive(c, q, k, v, ids, n, STEPS), c.head_policies()))
+    special, punct = tables()
+    c = HybridCache(len(lens), HKV, D, C, torch.float32, global_tokens=G, recent_window=r, special_ids=special,
+                    punct_ids=punct, **hp)
+    qkv = [[as_tensor(x) for x in s] for s, _ in data]
+    kept, visible = [[] for _ in lens], [[] for _ in lens]
+    with torch.no_grad():
+        for b, (n, (Q, K, V), (_, ids)) in enumerate(zip(lens, qkv, data)):
+            c.set_tokens(torch.tensor([ids[:n]]), True, row=b)
+            c.prefill(torch.arange(n), K[:, :, :n], V[:, :, :n], Q[:, :, :n], row=b)
+        for j in range(STEPS):
+            def at(i):  # q, k or v of each sequence's token j after its prompt
+                return torch.cat([x[i][:, :, n + j:n + j + 1] for x, n in zip(qkv, lens)])
+            c.set_tokens(torch.tensor([[ids[n + j]] for (_, ids), n in zip(data, lens)]), False)
+            qq, kk, vv, mask = c.update(torch.tensor([[n + j] for n in lens]), at(1), at(2), at(0))
+            _, probs = attention(qq, kk, vv, mask, need_probs=True)
+            c.record_attention(probs)
+            for b in range(len(lens)):
+                with c.row_view(b) as row:
+                    kept[b].append(kept_positions(row))
+                visible[b].append([sorted(c.pos[b, h][mask[b, h, 0]].tolist()) for h in range(HKV)])
+    for b, ((alone_kept, alone_visible), policies_alone) in enumerate(alone):
+        assert c.head_policies(b) == policies_alone, f"sequence {b}"
+        assert kept[b] == alone_kept[1:] and visible[b] == alone_visible, f"sequence {b}"
+    assert len({tuple(p) for _, p in alone}) > 1 and c.n_local.tolist() == [8, 5, 2]
+
+
 def constructed_heads(T=40):
     """KV head 0: every query points at the special tokens' keys; KV head 1: all queries zero (uniform)."""
     ids = [5] * T
