@@ -61,15 +61,20 @@ def sequence_state(caches, b):
     return out
 
 
-@pytest.fixture(scope="module")
-def alone(tiny):
+def decode_alone(tiny, **options):
+    """Each prompt decoded alone: (tokens, sequence_state, cache_stats) per prompt."""
     model, cfg, prompts, max_seq = tiny
     out = []
     for p in prompts:
         policies.install(model, build(cfg, max_seq, 1), max_seq)
-        tokens, _ = generate.generate(model, p, NEW)
-        out.append((tokens, sequence_state(model.caches, 0)))
+        tokens, _ = generate.generate(model, p, NEW, **options)
+        out.append((tokens, sequence_state(model.caches, 0), kvcache.cache_stats(model)))
     return out
+
+
+@pytest.fixture(scope="module")
+def alone(tiny):
+    return [(tokens, state) for tokens, state, _ in decode_alone(tiny)]
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +121,7 @@ def test_each_sequence_keeps_the_positions_it_keeps_alone(alone, batched):
 def fed(tiny):
     """--feed_long_prompts: each prompt alone, then the three together (they feed 10, 15 and 22 tokens)."""
     model, cfg, prompts, max_seq = tiny
-    alone = []
-    for p in prompts:
-        policies.install(model, build(cfg, max_seq, 1), max_seq)
-        tokens, _ = generate.generate(model, p, NEW, feed_long_prompts=True)
-        alone.append((tokens, sequence_state(model.caches, 0), kvcache.cache_stats(model)))
+    alone = decode_alone(tiny, feed_long_prompts=True)
     policies.install(model, build(cfg, max_seq, len(prompts)), max_seq)
     assert kvcache.prefill_budget(model) - 1 < min(PROMPT_LENS)
     tokens, stats = generate.generate_batch(model, prompts, NEW, feed_long_prompts=True)
