@@ -265,9 +265,7 @@ class Runtime:
         through the decode step, as generate.generate does) and return the last position's logits [1, V]."""
         for c in self.model.caches:
             c.reset()
-        n0 = len(ids)
-        if self.a.feed_long_prompts:
-            n0 = min(n0, kvcache.prefill_budget(self.model) - 1)
+        n0 = gen.prefilled_length(self.model, len(ids), self.a.feed_long_prompts)
         step = self.a.prefill_chunk or n0
         for s in range(0, n0, step):  # --prefill_chunk: the prompt a chunk at a time
             x = torch.tensor([ids[s:min(s + step, n0)]], dtype=torch.long, device=self.device)

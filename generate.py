@@ -40,9 +40,7 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(
     for c in model.caches:
         c.reset()
     t0 = time.perf_counter()
-    n0 = len(prompt)
-    if feed_long_prompts:
-        n0 = min(n0, kvcache.prefill_budget(model) - 1)
+    n0 = prefilled_length(model, len(prompt), feed_long_prompts)
     nxt = prefill_chunks(model, prompt[:n0], prefill_fn, prefill_chunk, sampling)
     for i in range(n0, len(prompt)):  # teacher forcing: only the last step's prediction is kept
         cur = torch.tensor([[prompt[i]]], dtype=torch.long, device=device)
@@ -68,6 +66,12 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(
         "decode_s": t_end - t_first,
         "decode_tokens_per_s": decode_steps / (t_end - t_first) if decode_steps else 0.0,
     }
+
+
+def prefilled_length(model, prompt_len: int, feed_long_prompts: bool) -> int:
+    """How many prompt tokens are prefilled: all, or with feed_long_prompts at most the smallest layer budget - 1
+    (the rest goes through the decode step)."""
+    return min(prompt_len, kvcache.prefill_budget(model) - 1) if feed_long_prompts else prompt_len
 
 
 def prefill_chunks(model, prompt: list, prefill_fn, chunk: int, sampling: dict, row: int = None) -> torch.Tensor:
@@ -121,9 +125,7 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, eo
     for c in model.caches:
         c.reset()
     t0 = time.perf_counter()
-    fed = [len(p) for p in prompts]  # prompt tokens in the caches (or in this step's input)
-    if feed_long_prompts:
-        fed = [min(n, kvcache.prefill_budget(model) - 1) for n in fed]
+    fed = [prefilled_length(model, len(p), feed_long_prompts) for p in prompts]  # prompt tokens in the caches
     first = [prefill_chunks(model, p[:n], prefill_fn, prefill_chunk, sampling, row=b)
              for b, (p, n) in enumerate(zip(prompts, fed))]
     nxt = torch.cat(first, dim=0)  # [B, 1]

@@ -24,8 +24,8 @@ reported kv_budget is that slot count).  Slots are not kept in position order; a
 decode step reads each sequence's schedule row with its `seen` as index, evaluates the keep rule on the rank
 space 0..slots, evicts dropped slots by setting their position to -1 (K/V never move), renumbers the ranks,
 and the base class writes the new token into the first empty slot.  A batch is one instance with the
-sequences as the first dimension of every buffer, as for the score-based policies.  No Python branch depends on a tensor
-value (a step with g = 0 keeps everything), so the step compiles once with fullgraph=True.  In
+sequences as the first dimension of every buffer, as for the score-based policies.  No Python branch depends
+on a tensor value (a step with g = 0 keeps everything), so the step compiles once with fullgraph=True.  In
 position_mode "cache" (the default here, as in the seed: keys stored un-rotated, StreamingLLM's position
 shift) keys are rotated by the rank buffer and the query at rank n - 1.
 

@@ -235,8 +235,9 @@ class MergePyramidCache(KVCache):
         n_pairs = torch.div(L + 1, 2, rounding_mode="floor").clamp(min=0)
         j = torch.arange(P_max, device=dev)
         even = (S + 2 * j).clamp(max=C - 1)  # [P]: the same slots in every sequence
-        odd = (S + torch.minimum(2 * j + 1, (L - 1).clamp(min=0))).clamp(max=C - 1)  # [B, P]: an odd region
-        valid = j < n_pairs  # [B, P]                                                 repeats its last slot
+        # [B, P]: each sequence's odd members (an odd-length region repeats its last slot)
+        odd = (S + torch.minimum(2 * j + 1, (L - 1).clamp(min=0))).clamp(max=C - 1)
+        valid = j < n_pairs  # [B, P]
         kind = self.seq_pooling_type
         pad = J - P_max
 

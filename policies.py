@@ -347,7 +347,8 @@ def setup(model, config=None, batch_size: int = 1, prompt_len: int = 0, max_seq_
     """Builds each layer's cache and installs it in the model. config: a mapping or an argparse Namespace of cache
     options, updated by keyword options (see settings()). With batch_size > 1 each layer's cache holds the whole
     batch, every per-sequence buffer with the batch first (prompt_len: the longest prompt; policies whose buffer
-    depends on it use it). tokenizer: for policies that classify tokens (hybrid); without it no token is special or punctuation."""
+    depends on it use it). tokenizer: for policies that classify tokens (hybrid); without it no token is special
+    or punctuation."""
     if not max_seq_length or max_seq_length < 1:
         raise ValueError("setup needs max_seq_length: the longest sequence (prompt + new tokens) the caches must hold")
     cfg = settings(config, **options)

@@ -134,9 +134,11 @@ def test_fed_prompts_decode_and_keep_as_alone(fed, alone):
     for b, (alone_tokens, _, alone_stats) in enumerate(fed_alone):
         assert tokens[b] == alone_tokens, f"sequence {b}"
         at_end = stats["sequence_cache_stats"][b]  # taken when sequence b finished
-        assert (at_end["seen_tokens"], at_end["kept_tokens"]) == (alone_stats["seen_tokens"], alone_stats["kept_tokens"])
+        for key in ("seen_tokens", "kept_tokens"):
+            assert at_end[key] == alone_stats[key], f"sequence {b}: {key}"
     last = PROMPT_LENS.index(max(PROMPT_LENS))  # feeds the longest, finishes last: its state is the final one
-    for name, (pos, seen, _), (a_pos, a_seen, _) in zip(layer_names(), sequence_state(caches, last), fed_alone[last][1]):
+    batch_state, alone_state = sequence_state(caches, last), fed_alone[last][1]
+    for name, (pos, seen, _), (a_pos, a_seen, _) in zip(layer_names(), batch_state, alone_state):
         assert torch.equal(pos, a_pos) and seen == a_seen, f"layer {name}"
     assert [t[0] for t in fed_alone] != [t[0] for t in alone], "feeding the prompt changed nothing: flag ignored?"
 
