@@ -20,14 +20,13 @@ On-disk format (device independent; the device-specific int4 layout is made at l
 Matmul kernels:
   int8  CPU, up to CPU_KERNEL_MAX_ROWS rows (decode): aten._weight_int8pack_mm (one byte read per weight, bf16
         activations) behind a custom op (int8_mm_cpu), for the shapes it handles (Int8Linear.cpu_kernel); it costs
-        about what dequantize-and-matmul costs from 16 rows on (a GEMV per row), so longer inputs take that path.
+        about what dequantize-and-matmul costs from ~16-32 rows on (a GEMV per row), so longer inputs take that path.
         Elsewhere: F.linear(x, weight.to(x.dtype)) * scales (gpt-fast; on CUDA the cast fuses into the GEMV).
   int4  CUDA: aten._weight_int4pack_mm (tinygemm, bf16 activations) on aten._convert_weight_to_int4pack's layout;
         CPU: aten._weight_int4pack_mm_for_cpu on aten._convert_weight_to_int4pack_for_cpu's layout (present in
-        torch 2.13 CPU; fp32, bf16 and fp16 activations), wrapped in a custom op for torch.compile (see int4_mm_cpu),
-        for up to CPU_KERNEL_MAX_ROWS rows (decode); longer inputs (prefill) dequantize and matmul. On the AVX2
-        machine this was written on, the kernel is slower than fp32 weights (see BENCHMARK.md): it exists for
-        correctness and for CPUs with better kernels, the int4 speed target is a CUDA one;
+        torch 2.13 CPU), wrapped in a custom op for torch.compile (see int4_mm_cpu), bf16 activations (its fp32
+        path is a scalar loop, 30x slower), for up to CPU_KERNEL_MAX_ROWS rows (decode); longer inputs (prefill)
+        dequantize and matmul;
         elsewhere, or when a kernel is missing or fails the load-time probe: a plain unpack + dequantize + F.linear.
   At load, each (device, group size, inner k tiles) combination is probed once against the plain dequantized
   matmul on random data, so a layout mismatch (e.g. a torch version whose packing convention differs) falls back
@@ -62,9 +61,12 @@ import model as M
 from cli import UserError
 
 GROUP_SIZES = (32, 64, 128, 256)
-# aten._weight_int4pack_mm_for_cpu is a GEMV-style kernel: on an AVX2 CPU (torch 2.13, 1 thread) a 1536 x 576 layer
-# takes 2.9 ms for 1 row but 180 ms for 60 rows, against 17 ms to dequantize and matmul; prefill takes that path.
-CPU_KERNEL_MAX_ROWS = 8
+# aten._weight_int4pack_mm_for_cpu has a vectorised path for bf16 activations only: with fp32 ones a 1536 x 640 layer
+# (group 128, 1 thread, AVX-512, torch 2.13) takes 1.67 ms a row, with bf16 ones 0.054 ms (fp32 dense 0.078 ms,
+# int8 0.056 ms); so activations go in as bf16, like the int8 kernel's. Per row it is a GEMV: 0.37 ms at 16 rows
+# against 0.42 ms for the fp32 matmul, 1.4 ms at 64 rows against 1.3 ms, so larger inputs (prefill) dequantize
+# and matmul instead.
+CPU_KERNEL_MAX_ROWS = 16
 META_KEY = "__quantization__"
 _PROBED = {}  # (device, groupsize, inner_k_tiles, kernel) -> (ok, detail)
 
@@ -208,7 +210,8 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.groupsize,
                                                    self.scales_and_zeros.to(torch.bfloat16)).to(x.dtype)
         elif self.layout == "cpu" and x2.shape[0] <= CPU_KERNEL_MAX_ROWS:
-            y = int4_mm_cpu(x2.contiguous(), self.weight, self.groupsize, self.scales_and_zeros.to(x.dtype))
+            y = int4_mm_cpu(x2.to(torch.bfloat16).contiguous(), self.weight, self.groupsize,
+                            self.scales_and_zeros.to(torch.bfloat16)).to(x.dtype)
         else:
             nibbles = self.prefill_nibbles if self.layout == "cpu" else self.weight
             w = dequantize_int4(unpack_nibbles(nibbles), self.scales_and_zeros, self.groupsize)
@@ -303,8 +306,7 @@ def probe_int4_kernel(device, groupsize: int, ikt: int, kind: str):
         lin.weight, lin.scales_and_zeros = pack_nibbles(codes).to(device), sz.to(device)
         lin.weight = convert_to_int4pack(lin.weight, ikt, kind)
         lin.layout = kind
-        dtype = torch.bfloat16 if kind == "cuda" else torch.float32
-        y = lin(x.to(device, dtype)).float().cpu()
+        y = lin(x.to(device)).float().cpu()
         err = float((y - ref).abs().max() / ref.abs().max())
         result = (err < 0.02, f"relative error {err:.2e} vs the plain dequantized matmul")
     except Exception as e:  # a missing kernel for this device/build
