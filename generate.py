@@ -28,11 +28,13 @@ from tokenizer import StreamDecoder, get_tokenizer
 @torch.no_grad()
 def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(), sampling=None,
              prefill_fn=prefill, decode_fn=decode_one_token, callback=None, feed_long_prompts=False,
-             prefill_chunk: int = 0):
+             prefill_chunk: int = 0, prefill_len: int = None):
     """Greedy / sampled decoding of one sequence. Returns (new token ids, timing dict).
 
     feed_long_prompts: a prompt longer than the smallest layer budget is prefilled up to budget - 1 tokens
     and the rest is teacher-forced through the decode step, so the policy evicts as it would while decoding.
+    prefill_len: how many prompt tokens are prefilled, the rest fed the same way (overrides feed_long_prompts;
+    the leaderboard's question-agnostic setting).
     prefill_chunk: the prompt is prefilled that many tokens at a time, the caches compressing after each chunk.
     """
     sampling = sampling or {}
@@ -40,7 +42,7 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, *, eos_ids=(
     for c in model.caches:
         c.reset()
     t0 = time.perf_counter()
-    n0 = prefilled_length(model, len(prompt), feed_long_prompts)
+    n0 = prefilled_length(model, len(prompt), feed_long_prompts) if prefill_len is None else prefill_len
     nxt = prefill_chunks(model, prompt[:n0], prefill_fn, prefill_chunk, sampling)
     for i in range(n0, len(prompt)):  # teacher forcing: only the last step's prediction is kept
         cur = torch.tensor([[prompt[i]]], dtype=torch.long, device=device)

@@ -50,7 +50,7 @@ import quantize
 import tasks as T
 from cache import FullCache
 from cli import UserError
-from runtime import decode_one_token, prefill
+from runtime import prefill
 from tokenizer import get_tokenizer
 
 SETTINGS = {"aware": [False], "agnostic": [True], "both": [False, True]}
@@ -241,30 +241,17 @@ def run_sample(model, rt, task, sample, split, gen_len, due):
     recorded = [c.recorded for c in recorders]
     prefill_s = time.perf_counter() - t0
     for r in due:
-        t1 = time.perf_counter()
         cut = split if r["agnostic"] else len(ids)
         policies.setup(model, r["cfg"], prompt_len=cut, max_seq_length=len(ids) + gen_len, tokenizer=rt.tokenizer)
-        if own_prefill(r["cfg"]):
-            nxt = gen.prefill_chunks(model, ids[:cut], prefill, r["cfg"].prefill_chunk, {})
-        else:
-            replay(model, recorded, ids, cut)
-            nxt = first  # the prompt's first token (question-aware); the question's below replaces it
-        for i in range(cut, len(ids)):  # question-agnostic: the question through the decode step
-            nxt = decode_one_token(model, torch.tensor([[ids[i]]], device=device), torch.tensor([i], device=device))
-        tokens = [int(nxt)]
-        t_first = time.perf_counter()
-        pos = len(ids)
-        while len(tokens) < gen_len and tokens[-1] not in rt.eos:
-            nxt = decode_one_token(model, nxt.view(1, 1), torch.tensor([pos], device=device))
-            tokens.append(int(nxt))
-            pos += 1
-        t_end = time.perf_counter()
-        steps = len(tokens) - 1
         shared = not own_prefill(r["cfg"])
+        # question-agnostic: the context is prefilled, the question goes through the decode step
+        tokens, st = gen.generate(model, ids, gen_len, eos_ids=rt.eos, prefill_len=cut,
+                                  prefill_fn=replaying(recorded, first) if shared else prefill,
+                                  prefill_chunk=r["cfg"].prefill_chunk)
         st = {"prompt_tokens": len(ids), "new_tokens": len(tokens), "context_tokens": cut,
-              "time_to_first_token_s": t_first - t1 + (prefill_s if shared else 0.0),
-              "decode_tokens_per_s": steps / (t_end - t_first) if steps else 0.0,
-              "seconds": t_end - t1, "shared_prefill_s": prefill_s if shared else None}
+              "time_to_first_token_s": st["time_to_first_token_s"] + (prefill_s if shared else 0.0),
+              "decode_tokens_per_s": st["decode_tokens_per_s"], "seconds": st["time_to_first_token_s"] + st["decode_s"],
+              "shared_prefill_s": prefill_s if shared else None}
         rec = ev.score_generation(rt, task, sample, tokens, st)
         rec["cache"] = ev.cache_summary(model)
         rec["cache"].pop("layer_kv_budget", None)
@@ -273,14 +260,18 @@ def run_sample(model, rt, task, sample, split, gen_len, due):
         ev.save_record(r["dir"] / "predictions.jsonl", r["records"], rec, None, task.primary)
 
 
-def replay(model, recorded, ids, cut):
-    """Fills each layer's cache from the recorded prefill of the prompt's first `cut` tokens, as the model's own
-    prefill would (the attention output it returns is not needed)."""
-    idx = torch.tensor([ids[:cut]], device=model.tok_embeddings.weight.device)
-    for layer, (input_pos, k, v, q) in zip(model.layers, recorded):
-        cache = layer.attention.kv_cache
-        cache.set_tokens(idx, True, None)
-        cache.prefill(input_pos[:cut], k[:, :, :cut], v[:, :, :cut], q[:, :, :cut], need_output=False)
+def replaying(recorded, first):
+    """A prefill function for generate(): fills each layer's cache from the recorded full prefill of the prompt's
+    first x.shape[1] tokens, as the model's own prefill would (the attention output is not needed), and returns
+    the recorded first new token (generate() replaces it when the rest of the prompt is fed after)."""
+    def replay(model, x, input_pos, **_):
+        cut = x.shape[1]
+        for layer, (pos, k, v, q) in zip(model.layers, recorded):
+            cache = layer.attention.kv_cache
+            cache.set_tokens(x, True, None)
+            cache.prefill(pos[:cut], k[:, :, :cut], v[:, :, :cut], q[:, :, :cut], need_output=False)
+        return first
+    return replay
 
 
 if __name__ == "__main__":
