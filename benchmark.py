@@ -270,7 +270,7 @@ class HFRunner:
 # ---------------------------------------------------------------------------------------------------------------
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(p)
+    cli.add_model_args(p, batches=True)
     p.add_argument("--random_weights", action="store_true",
                    help="no checkpoint: random weights of --model's shape (timings are valid: same bytes per token)")
     p.add_argument("--model", default=None,
@@ -325,6 +325,7 @@ def check_args(a, device):
         raise UserError(f"--max_new_tokens must be >= 2 (decode speed needs a decode step), got {a.max_new_tokens}")
     if any(n < 1 for n in a.batch_sizes):
         raise UserError(f"--batch_sizes must be >= 1, got {a.batch_sizes}")
+    cli.check_compile_flags(a)
     if a.num_runs < 1 or a.warmup_runs < 0:
         raise UserError("--num_runs must be >= 1 and --warmup_runs >= 0")
     cuda = device.startswith("cuda")
@@ -431,7 +432,7 @@ def run_config(model, fmt, source, strategy, budget, ctx, a, device, hf=None, ba
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     policies.setup(model, ns, batch_size=batch, prompt_len=ctx, max_seq_length=max_seq)
-    prefill_fn, decode_fn = runtime.compile_fns(device, a.compile, a.compile_prefill)
+    prefill_fn, decode_fn = runtime.compile_fns(device, a.compile, a.compile_prefill, a.dynamic_batch)
     prompt = prompt_ids(cfg.vocab_size, ctx, a.seed)
     prompts = [prompt] + [prompt_ids(cfg.vocab_size, ctx, a.seed + 1000 + b) for b in range(1, batch)]
     sync = lambda: runtime.synchronize(device)  # noqa: E731

@@ -1169,6 +1169,8 @@ class ExpectedAttentionCache(KVCache):
             raise ValueError(f"expected_attention reads RoPE tables up to position {need - 1} (max_seq_length + "
                              f"--ea_future_positions); got {cos.shape[0]}: install caches with policies.install")
         super().set_rope(cos, sin)
+        # taken here, eagerly: a compiled step reading the shared dict would guard on its key (the tables' address)
+        self.rope_sums = rope_prefix_sums(cos, sin)
 
     def observe_prompt_queries(self, input_pos, q, context_len=None):
         """The query statistics come first (the prompt compressor scores with them): the pre-RoPE prompt queries
@@ -1213,7 +1215,7 @@ class ExpectedAttentionCache(KVCache):
         one entry per sequence) [B or 1, D, D]: R(p) x = cos(p) * x + sin(p) * rotate_half(x), so the mean is
         diag(mean cos) + diag(mean sin) P."""
         n, D = self.ea_future_positions, self.head_dim
-        cs, ss = rope_prefix_sums(self.rope_cos, self.rope_sin)
+        cs, ss = self.rope_sums
         first = torch.as_tensor(first, device=cs.device).view(-1)
         c = (cs.index_select(0, first + n) - cs.index_select(0, first)) / n  # [B, D]
         s = (ss.index_select(0, first + n) - ss.index_select(0, first)) / n

@@ -48,7 +48,7 @@ def check_at_least(a, **minimums):
             raise UserError(f"--{name} must be >= {low}, got {value}")
 
 
-def add_model_args(p: argparse.ArgumentParser):
+def add_model_args(p: argparse.ArgumentParser, batches: bool = False):
     p.add_argument("--checkpoint_path", type=Path, default=None,
                    help="model.pth (or its folder); default: SmolLM2-135M-Instruct, prepared offline on first use")
     p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
@@ -56,6 +56,16 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="float32 | bfloat16 | float16 (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (fullgraph; CUDA graphs on GPU)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    if batches:
+        p.add_argument("--dynamic_batch", action="store_true",
+                       help="with --compile: the decode step's batch dimension stays symbolic, so one graph serves "
+                            "every batch size above 1, in this run and (torch's on-disk cache) in later runs with "
+                            "another batch size; its first compile takes longer")
+
+
+def check_compile_flags(a):
+    if getattr(a, "dynamic_batch", False) and not a.compile:
+        raise UserError("--dynamic_batch shapes the compiled decode step: it needs --compile")
 
 
 def one_line_errors(parser):

@@ -91,7 +91,7 @@ def build_parser():
     g.add_argument("--judge_model", default="gpt-4o-mini")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--print_dir", action="store_true", help="print the results folder of this configuration and exit")
-    cli.add_model_args(p)
+    cli.add_model_args(p, batches=True)
     before = {a.dest for a in p._actions}
     policies.add_cache_args(p)
     cache_dests = [a.dest for a in p._actions if a.dest not in before]
@@ -215,7 +215,7 @@ class Runtime:
         self.max_seq_length = max_seq_length
         self.sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
         self.eos = set(tokenizer.eos_ids) | set(model.config.eos_ids)
-        self.prefill_fn, self.decode_fn = runtime.compile_fns(device, a.compile, a.compile_prefill)
+        self.prefill_fn, self.decode_fn = runtime.compile_fns(device, a.compile, a.compile_prefill, a.dynamic_batch)
         self.prefill_logits, self.step_logits = prefill_logits, step_logits
         if a.compile:
             self.step_logits = runtime.compile_decode(step_logits, device)
@@ -465,6 +465,7 @@ def run(a, defaults, cache_dests, argv):
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     cli.check_at_least(a, batch_size=1)
+    cli.check_compile_flags(a)
     a.max_cache_length = list(a.max_cache_length)
     tasks = make_tasks(a.tasks, parse_task_opts(a.task_opts))
     if a.batch_size > 1 and any(t.kind != "generate" for t in tasks):

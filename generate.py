@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the prompt stays text)")
     p.add_argument("--json", action="store_true", help="print one JSON record (text, ids, statistics) instead")
     p.add_argument("--quiet", action="store_true", help="no progress or statistics on stderr (errors still)")
-    cli.add_model_args(p)
+    cli.add_model_args(p, batches=True)
     p.add_argument("--draft_checkpoint_path", type=Path, default=None,
                    help="speculative decoding: a draft model (model.pth or its folder; the target's vocabulary), "
                         "given the same cache flags as the target")
@@ -315,6 +315,10 @@ def run(a):
     batch = a.batch_size or len(texts)
     if batch < len(texts):
         raise UserError(f"{len(texts)} prompts do not fit --batch_size {batch} (give at most {batch} prompts)")
+    cli.check_compile_flags(a)
+    if a.dynamic_batch and batch < 2:
+        raise UserError("--dynamic_batch is for a batch (2 or more prompts, or --batch_size >= 2); a single "
+                        "sequence always gets its own graph")
     speculate = a.draft_checkpoint_path is not None or a.speculate_k is not None
     if speculate:  # speculative decoding (speculative.py): flags checked before anything is loaded
         k = speculative.check_args(a, batch, device)
@@ -415,7 +419,7 @@ def warm_up(a, run_once) -> float:
 
 def run_batch(a, model, tokenizer, prompts, eos, sampling, device, dtype):
     """--batch_size > 1: all prompts decoded together; completions and per-sequence statistics at the end."""
-    prefill_fn, decode_fn = compile_fns(device, a.compile, a.compile_prefill)
+    prefill_fn, decode_fn = compile_fns(device, a.compile, a.compile_prefill, a.dynamic_batch)
     compile_s = warm_up(a, lambda: generate_batch(model, prompts, min(4, a.max_new_tokens), sampling=sampling,
                                                   prefill_fn=prefill_fn, decode_fn=decode_fn,
                                                   prefill_chunk=a.prefill_chunk, feed_long_prompts=a.feed_long_prompts))

@@ -8,6 +8,7 @@ function is compiled (generate.py, eval.py, perplexity.py, speculative.py and be
   length neither fails nor recompiles.
 """
 import resource
+import weakref
 
 import torch
 
@@ -28,10 +29,33 @@ def decode_one_token(model, cur: torch.Tensor, input_pos: torch.Tensor, **sampli
     return sample(logits[:, -1], **sampling)
 
 
-def compile_decode(fn, device: str, dynamic=None):
-    """A decode-time step: one graph (fullgraph), CUDA graphs on GPU."""
+def compile_decode(fn, device: str, dynamic=None, any_batch: bool = False):
+    """A decode-time step: one graph (fullgraph), CUDA graphs on GPU.
+
+    any_batch: the batch dimension stays symbolic (inputs and every cache buffer that has it), so one graph serves
+    every batch size above 1 and torch's on-disk caches reuse it in a later run with another batch size (a batch of
+    1 is specialised by torch and gets its own graph). Off by default: the symbolic graph takes longer to compile
+    the first time (BENCHMARK.md)."""
     mode = "reduce-overhead" if str(device).startswith("cuda") else None
-    return torch.compile(fn, mode=mode, fullgraph=True, dynamic=dynamic)
+    compiled = torch.compile(fn, mode=mode, fullgraph=True, dynamic=dynamic)
+    if not any_batch:
+        return compiled
+
+    marked = weakref.WeakSet()  # caches whose buffers carry the mark (once per cache, not per step)
+
+    def step(model, cur, input_pos, **kwargs):
+        batch = cur.shape[0]
+        if batch > 1:
+            fresh = [c for c in model.caches if c not in marked]
+            for t in [cur, input_pos, *(b for c in fresh for b in c.buffers())]:
+                if t.dim() and t.shape[0] == batch:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            marked.update(fresh)
+        # module buffers are otherwise traced with static shapes whatever their marks say
+        with torch._dynamo.config.patch(force_nn_module_property_static_shapes=False,
+                                        force_parameter_static_shapes=False):
+            return compiled(model, cur, input_pos, **kwargs)
+    return step
 
 
 def compile_prefill(fn):
@@ -39,11 +63,11 @@ def compile_prefill(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def compile_fns(device: str, compile_decode_step: bool, compile_prefill_step: bool):
-    """(prefill, decode_one_token), each compiled when asked."""
+def compile_fns(device: str, compile_decode_step: bool, compile_prefill_step: bool, any_batch: bool = False):
+    """(prefill, decode_one_token), each compiled when asked (any_batch: see compile_decode)."""
     pre, decode = prefill, decode_one_token
     if compile_decode_step:
-        decode = compile_decode(decode_one_token, device)
+        decode = compile_decode(decode_one_token, device, any_batch=any_batch)
     if compile_prefill_step:
         pre = compile_prefill(prefill)
     return pre, decode

@@ -222,6 +222,35 @@ def test_the_batched_step_does_not_grow_with_the_batch():
     assert decode_graph_size(2) == decode_graph_size(5)
 
 
+def test_dynamic_batch_compiles_one_graph_for_every_batch_size(tiny):
+    """--dynamic_batch (runtime.compile_decode any_batch): batches of 2 and then 3, each in freshly built caches,
+    run through one compiled graph, with the tokens of the eager step. Fails when any policy's step specialises on
+    the batch size (a second graph) or when the symbolic step computes something else."""
+    _, _, prompts, max_seq = tiny
+    strategies = sorted(policies.POLICIES)
+    cfg = ModelArgs(vocab_size=256, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=32,
+                    intermediate_size=64, block_size=512)
+    m = random_model(cfg, "cpu", torch.float32, seed=1)
+    with torch.no_grad():
+        m.output.weight.mul_(20)
+
+    def install(batch):
+        policies.install(m, policies.build_caches(cache_args(strategies), len(strategies), 2, 8, batch, max_seq,
+                                                  torch.float32, "cpu", prompt_len=max(PROMPT_LENS), n_heads=4),
+                         max_seq)
+    torch._dynamo.reset()
+    counters.clear()
+    step = runtime.compile_decode(runtime.decode_one_token, "cpu", any_batch=True)
+    for batch in (2, 3):
+        install(batch)
+        eager, _ = generate.generate_batch(m, prompts[:batch], 12)
+        install(batch)
+        with torch._dynamo.config.patch(error_on_recompile=batch > 2):
+            compiled, _ = generate.generate_batch(m, prompts[:batch], 12, decode_fn=step)
+        assert compiled == eager, batch
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generate.py --batch_size on SmolLM2
 # ---------------------------------------------------------------------------------------------------------------
