@@ -76,6 +76,19 @@ def check_batch_compiled(device, dtype, results):
     generate.generate_batch(m, prompts, 3, decode_fn=step)
     compiled, _ = generate.generate_batch(m, prompts, NEW, decode_fn=step)
     results.append(("batched decode (4 sequences) compiled == eager", compiled == eager, ""))
+    # --dynamic_batch: one symbolic graph (CUDA graphs recorded per batch size) for batches of 4 and then 3
+    torch._dynamo.reset()
+    step = runtime.compile_decode(runtime.decode_one_token, device, any_batch=True)
+    same = True
+    for batch in (4, 3):
+        policies.setup(m, cache_strategy=names, cache_strategy_pattern="repeat", max_seq_length=41 + NEW,
+                       batch_size=batch, prompt_len=41, max_cache_length=24, global_tokens=2, recent_window=4,
+                       observation_window=4)
+        eager, _ = generate.generate_batch(m, prompts[:batch], NEW)
+        generate.generate_batch(m, prompts[:batch], 3, decode_fn=step)
+        compiled, _ = generate.generate_batch(m, prompts[:batch], NEW, decode_fn=step)
+        same = same and compiled == eager
+    results.append(("--dynamic_batch decode (4 then 3 sequences) compiled == eager", same, ""))
 
 
 def check_quantized(device, dtype, results):
