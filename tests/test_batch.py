@@ -162,16 +162,21 @@ def test_a_batched_cache_prefills_one_named_sequence(batched):
             c.prefill(torch.arange(3), k, v, q, row=row)
 
 
+def every_policy_model(dim: int):
+    """A small random model with every registered policy, one layer each (sorted names): compiles CI-sized."""
+    strategies = sorted(policies.POLICIES)
+    cfg = ModelArgs(vocab_size=256, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=dim,
+                    intermediate_size=2 * dim, block_size=512)
+    m = random_model(cfg, "cpu", torch.float32, seed=1)
+    with torch.no_grad():  # logits far from ties
+        m.output.weight.mul_(20)
+    return m, strategies
+
+
 def test_compiled_batch_compiles_once_while_sequences_finish(tiny):
     _, _, prompts, max_seq = tiny
     prompts = prompts[:2]
-    # A smaller model keeps the compile CI-sized: every policy once.
-    strategies = sorted(policies.POLICIES)
-    cfg = ModelArgs(vocab_size=256, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=64,
-                    intermediate_size=128, block_size=512)
-    m = random_model(cfg, "cpu", torch.float32, seed=1)
-    with torch.no_grad():
-        m.output.weight.mul_(20)
+    m, strategies = every_policy_model(64)
     policies.install(m, policies.build_caches(cache_args(strategies), len(strategies), 2, 16, len(prompts), max_seq,
                                               torch.float32, "cpu", prompt_len=max(PROMPT_LENS), n_heads=4), max_seq)
     free, _ = generate.generate_batch(m, prompts, NEW)
@@ -227,12 +232,7 @@ def test_dynamic_batch_compiles_one_graph_for_every_batch_size(tiny):
     run through one compiled graph, with the tokens of the eager step. Fails when any policy's step specialises on
     the batch size (a second graph) or when the symbolic step computes something else."""
     _, _, prompts, max_seq = tiny
-    strategies = sorted(policies.POLICIES)
-    cfg = ModelArgs(vocab_size=256, n_layer=len(strategies), n_head=4, n_local_heads=2, dim=32,
-                    intermediate_size=64, block_size=512)
-    m = random_model(cfg, "cpu", torch.float32, seed=1)
-    with torch.no_grad():
-        m.output.weight.mul_(20)
+    m, strategies = every_policy_model(32)
 
     def install(batch):
         policies.install(m, policies.build_caches(cache_args(strategies), len(strategies), 2, 8, batch, max_seq,
