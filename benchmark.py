@@ -325,7 +325,7 @@ def check_args(a, device):
         raise UserError(f"--max_new_tokens must be >= 2 (decode speed needs a decode step), got {a.max_new_tokens}")
     if any(n < 1 for n in a.batch_sizes):
         raise UserError(f"--batch_sizes must be >= 1, got {a.batch_sizes}")
-    cli.check_compile_flags(a)
+    cli.check_compile_flags(a, max(a.batch_sizes))
     if a.num_runs < 1 or a.warmup_runs < 0:
         raise UserError("--num_runs must be >= 1 and --warmup_runs >= 0")
     cuda = device.startswith("cuda")

@@ -63,9 +63,13 @@ def add_model_args(p: argparse.ArgumentParser, batches: bool = False):
                             "another batch size; its first compile takes longer")
 
 
-def check_compile_flags(a):
+def check_compile_flags(a, largest_batch: int = 1):
+    """--dynamic_batch needs --compile and a batch: a batch of 1 always gets its own graph (torch specialises 1)."""
     if getattr(a, "dynamic_batch", False) and not a.compile:
         raise UserError("--dynamic_batch shapes the compiled decode step: it needs --compile")
+    if getattr(a, "dynamic_batch", False) and largest_batch < 2:
+        raise UserError("--dynamic_batch is for a batch (2 or more sequences decoded together); a single sequence "
+                        "always gets its own graph")
 
 
 def one_line_errors(parser):

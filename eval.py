@@ -465,7 +465,7 @@ def run(a, defaults, cache_dests, argv):
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     cli.check_at_least(a, batch_size=1)
-    cli.check_compile_flags(a)
+    cli.check_compile_flags(a, a.batch_size)
     a.max_cache_length = list(a.max_cache_length)
     tasks = make_tasks(a.tasks, parse_task_opts(a.task_opts))
     if a.batch_size > 1 and any(t.kind != "generate" for t in tasks):

@@ -315,10 +315,7 @@ def run(a):
     batch = a.batch_size or len(texts)
     if batch < len(texts):
         raise UserError(f"{len(texts)} prompts do not fit --batch_size {batch} (give at most {batch} prompts)")
-    cli.check_compile_flags(a)
-    if a.dynamic_batch and batch < 2:
-        raise UserError("--dynamic_batch is for a batch (2 or more prompts, or --batch_size >= 2); a single "
-                        "sequence always gets its own graph")
+    cli.check_compile_flags(a, batch)
     speculate = a.draft_checkpoint_path is not None or a.speculate_k is not None
     if speculate:  # speculative decoding (speculative.py): flags checked before anything is loaded
         k = speculative.check_args(a, batch, device)
